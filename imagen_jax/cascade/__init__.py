@@ -1,0 +1,1 @@
+"""Cascade stages: a trained U-Net with its text encoder and diffusion settings, ready to sample."""

@@ -1,0 +1,42 @@
+"""Image output: [-1, 1] floats to uint8, PNG grids with the prompts written beside them."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tiles uint8 images [N, H, W, C] into one image, `columns` wide (default: near square)."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+    return grid
+
+
+def save_grid(images: np.ndarray, prompts: Sequence[str], path: str, *, columns: int | None = None,
+              upscale: int = 1) -> tuple[str, str]:
+    """Writes the PNG grid and `<path minus .png>.txt` (one `index<TAB>prompt` line per image, row-major)."""
+    grid = make_grid(images, columns=columns)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    picture = Image.fromarray(grid)
+    if upscale > 1:
+        picture = picture.resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
+    picture.save(path)
+    txt = os.path.splitext(path)[0] + ".txt"
+    with open(txt, "w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            f.write(f"{i}\t{prompt}\n")
+    return path, txt

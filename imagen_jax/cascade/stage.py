@@ -1,0 +1,200 @@
+"""One cascade stage: U-Net + text encoder + diffusion settings; initialisation, loading and sampling.
+
+The training loop and `sample.py` build a stage from the same config, so a checkpoint always meets the
+model it was trained as. Sampling compiles once per (batch shape, sampler, steps, thresholding); the
+guidance weight is a traced argument, so sweeping weights does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from imagen_jax.cascade.images import to_uint8
+from imagen_jax.diffusion import samplers
+from imagen_jax.models.unet import UNet, unet_from_config
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.text.encoder import TextEncoder, build_text_encoder, encode_tokens
+from imagen_jax.training import checkpoint
+from imagen_jax.training.state import TrainState, create_train_state, make_optimizer
+from imagen_jax.training.step import schedule_from_config
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stage:
+    config: ml_collections.ConfigDict
+    unet: UNet
+    text: TextEncoder
+    mesh: Mesh
+    params: Any = None  # {"unet": ..., "text": ... (jointly trained only)}; EMA weights when loaded
+
+    @property
+    def text_params(self) -> Any:
+        return self.params["text"] if self.config.text.train_jointly else self.text.params
+
+
+def build_stage(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Stage:
+    """Modules for `config` (no U-Net weights yet); the text encoder's frozen weights are loaded/seeded."""
+    mesh = mesh or mesh_lib.make_mesh(config.mesh)
+    text = build_text_encoder(config.text, mesh=mesh, rules=config.axis_rules)
+    if config.text.train_jointly and config.text.encoder != "random":
+        raise ValueError(
+            "config.text.train_jointly=True is only supported for the seeded 'random' encoder; a pretrained "
+            f"T5 ({config.text.encoder!r}) stays frozen as in Imagen. Set config.text.train_jointly=False."
+        )
+    return Stage(config=config, unet=unet_from_config(config.model), text=text, mesh=mesh)
+
+
+def _dummy_inputs(stage: Stage, batch: int = 1) -> tuple[jax.Array, ...]:
+    res = stage.config.data.resolution
+    length = stage.text.max_length
+    return (
+        jnp.zeros((batch, res, res, 3), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.zeros((batch, length, stage.text.embed_dim), jnp.float32),
+        jnp.ones((batch, length), bool),
+    )
+
+
+def init_train_state(
+    stage: Stage, optimizer: optax.GradientTransformation, rng: jax.Array
+) -> tuple[TrainState, Any]:
+    """A fresh train state created directly with its shardings, and those shardings (for jit / restore).
+
+    Shapes and logical axes come from `jax.eval_shape` on the boxed init (optax keeps the boxes, so the
+    optimizer moments get the same names as their parameters); no unsharded copy is ever built.
+    """
+    init_rng, state_rng = jax.random.split(rng)
+    joint = stage.config.text.train_jointly
+    ids = jnp.zeros((1, stage.text.max_length), jnp.int32)
+
+    def boxed_state(text_params: Any) -> TrainState:
+        params = {"unet": stage.unet.init(init_rng, *_dummy_inputs(stage))["params"]}
+        if joint:
+            params["text"] = text_params
+        return create_train_state(params, optimizer, state_rng)
+
+    text_abstract = stage.text.module.init(jax.random.PRNGKey(0), ids, ids > 0)["params"] if joint else None
+    abstract = jax.eval_shape(boxed_state, jax.eval_shape(lambda: text_abstract) if joint else None)
+    shardings = mesh_lib.tree_shardings(abstract, stage.mesh, stage.config.axis_rules)
+    state = jax.jit(lambda tp: nn.unbox(boxed_state(tp)), out_shardings=shardings)(
+        stage.text.params if joint else None
+    )
+    return state, shardings
+
+
+def abstract_train_state(stage: Stage, optimizer: optax.GradientTransformation) -> tuple[Any, Any]:
+    """ShapeDtypeStructs (with shardings) of the train state, for restoring without initialising."""
+    joint = stage.config.text.train_jointly
+    ids = jnp.zeros((1, stage.text.max_length), jnp.int32)
+
+    def boxed_state() -> TrainState:
+        params = {"unet": stage.unet.init(jax.random.PRNGKey(0), *_dummy_inputs(stage))["params"]}
+        if joint:
+            params["text"] = stage.text.module.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]
+        return create_train_state(params, optimizer, jax.random.PRNGKey(0))
+
+    abstract = jax.eval_shape(boxed_state)
+    shardings = mesh_lib.tree_shardings(abstract, stage.mesh, stage.config.axis_rules)
+    structs = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract), shardings
+    )
+    return structs, shardings
+
+
+def load_stage(workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None,
+               mesh: Mesh | None = None, use_ema: bool = True) -> Stage:
+    """The stage trained in `workdir` with its (EMA) weights; the config comes from the checkpoint."""
+    config = config or checkpoint.read_config(workdir, step)
+    stage = build_stage(config, mesh)
+    structs, _ = abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
+    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints, create=False)
+    state = checkpoint.restore(manager, structs, config, step)
+    return dataclasses.replace(stage, params=state.ema_params if use_ema else state.params)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("unet", "text_module", "schedule", "objective", "sampler", "num_steps", "threshold",
+                     "percentile", "time_grid", "shape"),
+)
+def _sample(unet_params: Any, text_params: Any, text_ids: jax.Array, text_mask: jax.Array, rng: jax.Array,
+            guidance: jax.Array, eta: jax.Array, *, unet: UNet, text_module: Any, schedule: Any, objective: str,
+            sampler: str, num_steps: int, threshold: str, percentile: float, time_grid: str,
+            shape: tuple[int, ...]) -> jax.Array:
+    emb = encode_tokens(text_module, text_params, text_ids, text_mask)
+    null = (jnp.zeros_like(emb), jnp.zeros_like(text_mask))
+
+    def model_fn(z: jax.Array, logsnr: jax.Array, cond: Any) -> jax.Array:
+        return unet.apply({"params": unet_params}, z, logsnr, cond[0], cond[1])
+
+    denoise = samplers.make_denoise_fn(
+        model_fn, objective=objective, cond=(emb, text_mask), uncond=null, guidance_weight=guidance,
+        threshold=threshold, percentile=percentile,
+    )
+    return samplers.sample(denoise, shape=shape, rng=rng, schedule=schedule, sampler=sampler,
+                           num_steps=num_steps, eta=eta, time_grid=time_grid)
+
+
+def generate(
+    stage: Stage,
+    prompts: Sequence[str],
+    *,
+    rng: jax.Array,
+    guidance: float | None = None,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    eta: float | None = None,
+    threshold: str | None = None,
+    percentile: float | None = None,
+    time_grid: str | None = None,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """Samples one image per prompt (uint8 [N, H, W, 3]); unset options come from `config.sample`.
+
+    Prompts run in batches of `batch_size` (default: all), padded to a multiple of the data-parallel
+    devices; an empty prompt is the unconditional one.
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("generate() needs a non-empty list of prompts (use '' for an unconditional sample).")
+    s = stage.config.sample
+    guidance = s.guidance if guidance is None else guidance
+    opts = dict(
+        sampler=s.sampler if sampler is None else sampler,
+        num_steps=int(s.num_steps if num_steps is None else num_steps),
+        threshold=s.threshold if threshold is None else threshold,
+        percentile=float(s.percentile if percentile is None else percentile),
+        time_grid=s.time_grid if time_grid is None else time_grid,
+    )
+    eta = s.eta if eta is None else eta
+    if opts["sampler"] not in samplers.SAMPLERS:
+        raise ValueError(f"sampler {opts['sampler']!r}: use one of {samplers.SAMPLERS}.")
+    devices = stage.mesh.devices.size
+    batch_size = batch_size or len(prompts)
+    batch_size = -(-batch_size // devices) * devices
+    res = stage.config.data.resolution
+    batch_sharding = mesh_lib.batch_sharding(stage.mesh, stage.config.axis_rules, 2)
+    schedule = schedule_from_config(stage.config.diffusion)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        tokens = stage.text.tokenizer(chunk + [""] * (batch_size - len(chunk)))
+        ids, mask = (jax.device_put(tokens[k], batch_sharding) for k in ("text_ids", "text_mask"))
+        images = _sample(
+            stage.params["unet"], stage.text_params, ids, mask, jax.random.fold_in(rng, start),
+            jnp.float32(guidance), jnp.float32(eta), unet=stage.unet, text_module=stage.text.module,
+            schedule=schedule, objective=stage.config.diffusion.objective, shape=(batch_size, res, res, 3),
+            **opts,
+        )
+        out.append(to_uint8(jax.device_get(images))[: len(chunk)])
+    return np.concatenate(out)

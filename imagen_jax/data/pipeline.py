@@ -1,0 +1,112 @@
+"""Input pipeline: a random-access source -> grain DataLoader -> numpy batch dicts for one host.
+
+Sources are anything with len/getitem returning dicts: a TFDS ArrayRecord source
+(`builder.as_data_source(split)`, text as bytes) or `FolderSource`. Batches are per host
+(`batch_size // process_count`); the sampler shards records across JAX processes, so hosts never
+see the same example. Images become float32 in [-1, 1] once per batch (vectorised), not per record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import grain.python as grain
+import jax
+import numpy as np
+
+TokenizeFn = Callable[[list[str]], Mapping[str, np.ndarray]]
+_TEXT_KEYS = ("caption", "scene")
+
+
+def _as_str(x: object) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+class _CollateBatch:
+    """grain batch_fn: stack records, scale images, decode text, tokenize captions; a class so it pickles."""
+
+    def __init__(self, image_keys: Mapping[str, str] | None, tokenize_fn: TokenizeFn | None):
+        self.image_keys = image_keys
+        self.tokenize_fn = tokenize_fn
+
+    def __call__(self, records: Sequence[Mapping[str, object]]) -> dict[str, np.ndarray]:
+        keys = list(records[0])
+        image_keys = self.image_keys
+        if image_keys is None:  # one image key -> "image"; several (SR pairs) keep their names
+            found = [k for k in keys if k.startswith("image")]
+            image_keys = {found[0]: "image"} if len(found) == 1 else {k: k for k in found}
+        out: dict[str, np.ndarray] = {}
+        for src, dst in image_keys.items():
+            images = np.stack([np.asarray(r[src]) for r in records])
+            out[dst] = images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+        for key in keys:
+            if key in image_keys:
+                continue
+            if key in _TEXT_KEYS:
+                out[key] = np.array([_as_str(r[key]) for r in records], dtype=object)
+            else:
+                out[key] = np.stack([np.asarray(r[key]) for r in records])
+        if self.tokenize_fn is not None:
+            out.update(self.tokenize_fn([str(c) for c in out["caption"]]))
+        return out
+
+
+def make_loader(
+    source: object,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    tokenize_fn: TokenizeFn | None = None,
+    image_keys: Mapping[str, str] | None = None,
+    worker_count: int = 0,
+    num_threads: int = 4,
+    prefetch: int = 256,
+    shard_by_process: bool = True,
+    drop_remainder: bool = True,
+) -> grain.DataLoader:
+    """A grain DataLoader yielding this host's batches; iterate it (or `iter(...)`) for numpy dicts.
+
+    Batch: every image key as float32 NHWC in [-1, 1] (one image key is renamed "image"; pass
+    `image_keys={"image_64": "low_res", "image_256": "image"}` to pick/rename), "caption" (and "scene" when
+    present) as object arrays of str, plus `tokenize_fn(captions)` outputs (e.g. text_ids, text_mask).
+    `batch_size` is global: each of the `jax.process_count()` hosts gets batch_size // process_count.
+    `num_epochs=None` repeats forever. `worker_count` > 0 uses that many worker processes (then
+    `tokenize_fn` must pickle); `num_threads`/`prefetch` tune reads in the main process.
+    """
+    count = jax.process_count() if shard_by_process else 1
+    if batch_size % count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {count}")
+    per_host = batch_size // count
+    if shard_by_process:
+        shard = grain.ShardOptions(jax.process_index(), count, drop_remainder=True)
+    else:
+        shard = grain.NoSharding()
+    sampler = grain.IndexSampler(
+        num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
+    )
+    collate = _CollateBatch(image_keys, tokenize_fn)
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[grain.Batch(per_host, drop_remainder=drop_remainder, batch_fn=collate)],
+        worker_count=worker_count,
+        read_options=grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch),
+    )
+
+
+def measure_throughput(
+    loader: Iterable[Mapping[str, np.ndarray]], num_batches: int, *, warmup: int = 2
+) -> float:
+    """Images per second delivered by `loader` over `num_batches` batches, after `warmup` batches."""
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    images = 0
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        batch = next(it)
+        images += len(batch["caption"])
+    return images / (time.perf_counter() - start)

@@ -1,0 +1,259 @@
+"""Procedural "shapes" scenes: flat coloured circles, squares and triangles on a black background.
+
+The dataset is built to be learnable by a small diffusion model at 32x32 in minutes on a CPU, and to be
+scored by a classical program (`imagen_jax.evaluation.shapes_scorer`):
+
+* flat, saturated, well separated palette colours on a fixed black background, so every pixel is
+  `background + coverage * (colour - background)` and colour classification is a projection;
+* two sizes far apart (small ~9-10 px, large ~15-18 px across at 32x32) and three shapes whose bounding
+  box is always a square of side `extent`, so fill ratio (circle pi/4, square 1, triangle 1/2) tells them
+  apart at any resolution;
+* two-object scenes never overlap and their relation is unambiguous: the centre gap along the relation
+  axis exceeds the object half-sizes plus a margin, and the cross-axis offset is at most a third of it.
+
+Geometry is stored in normalised [0, 1] image coordinates (x right, y down), so one scene renders at any
+resolution; low-res and high-res renders of the same scene form exact super-resolution pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+# Saturated, pairwise far apart in RGB (closest pair ~150 apart) and far from the background.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 70, 255),
+    "yellow": (250, 230, 30),
+    "purple": (180, 50, 230),
+    "cyan": (30, 220, 230),
+    "white": (245, 245, 245),
+}
+BACKGROUND: tuple[int, int, int] = (0, 0, 0)
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SIZES: tuple[str, ...] = ("small", "large")
+# Side of the (square) bounding box as a fraction of the image side; the scorer splits at ~0.40.
+SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.27, 0.32), "large": (0.48, 0.56)}
+RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+# Fill ratio of the bounding box per shape (used by the scorer and to sanity-check renders).
+FILL_RATIO: dict[str, float] = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5}
+
+_BORDER = 0.02  # min distance between an object and the image edge
+_GAP = 0.06  # min empty space between the two objects along the relation axis
+_MAX_CROSS = 1.0 / 3.0  # max cross-axis offset as a fraction of the main-axis centre distance
+_SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeObject:
+    """One object; `extent` is the side of its square bounding box, (cx, cy) its centre, all in [0, 1]."""
+
+    colour: str
+    shape: str
+    size: str
+    extent: float
+    cx: float
+    cy: float
+
+    def describe(self) -> str:
+        return f"{self.size} {self.colour} {self.shape}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """One or two objects; for two, `relation` says where objects[0] is relative to objects[1]."""
+
+    objects: tuple[ShapeObject, ...]
+    relation: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"objects": [dataclasses.asdict(o) for o in self.objects], "relation": self.relation},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Scene:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        data = json.loads(text)
+        return cls(tuple(ShapeObject(**o) for o in data["objects"]), data["relation"])
+
+
+def relation_holds(a: ShapeObject, b: ShapeObject, relation: str) -> bool:
+    """True when the centre of `a` is `relation` of `b` along the dominant axis of their offset."""
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    if relation in ("left", "right"):
+        return abs(dx) > abs(dy) and (dx < 0) == (relation == "left")
+    if relation in ("above", "below"):
+        return abs(dy) > abs(dx) and (dy < 0) == (relation == "above")
+    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
+
+
+def _sample_extent(rng: np.random.Generator, size: str) -> float:
+    lo, hi = SIZE_RANGES[size]
+    return float(rng.uniform(lo, hi))
+
+
+def _sample_pair_positions(
+    rng: np.random.Generator, ea: float, eb: float, relation: str
+) -> tuple[float, float, float, float]:
+    """Centres (ax, ay, bx, by) with `a` `relation` of `b`, no overlap, inside the image."""
+    # Work in (main, cross) coordinates where a is before b on the main axis, then map back.
+    lo_d = (ea + eb) / 2 + _GAP
+    hi_d = 1 - 2 * _BORDER - (ea + eb) / 2
+    for _ in range(100):
+        d = rng.uniform(lo_d, hi_d)
+        a_main = rng.uniform(_BORDER + ea / 2, 1 - _BORDER - eb / 2 - d)
+        b_main = a_main + d
+        off = rng.uniform(-_MAX_CROSS, _MAX_CROSS) * d
+        a_cross = rng.uniform(_BORDER + ea / 2, 1 - _BORDER - ea / 2)
+        b_cross = a_cross + off
+        if _BORDER + eb / 2 <= b_cross <= 1 - _BORDER - eb / 2:
+            break
+    else:  # pragma: no cover - the ranges above always leave room; keep it safe anyway
+        b_cross = a_cross = 0.5
+    if relation in ("right", "below"):  # a after b on the main axis
+        a_main, b_main = 1 - a_main, 1 - b_main
+    if relation in ("left", "right"):
+        return a_main, a_cross, b_main, b_cross
+    return a_cross, a_main, b_cross, b_main
+
+
+def sample_scene(rng: np.random.Generator, *, p_two: float = 0.5) -> Scene:
+    """A random scene with one object, or two (with probability `p_two`) in a random relation.
+
+    Two-object scenes use two different colours (so the caption names each object uniquely) and never
+    two large objects (two ~0.5-wide objects side by side would not fit with a clear gap).
+    """
+    if rng.random() >= p_two:
+        colour, shape, size = rng.choice(COLOURS), rng.choice(SHAPES), rng.choice(SIZES)
+        e = _sample_extent(rng, str(size))
+        cx, cy = rng.uniform(_BORDER + e / 2, 1 - _BORDER - e / 2, size=2)
+        return Scene((ShapeObject(str(colour), str(shape), str(size), e, float(cx), float(cy)),))
+    ca, cb = rng.choice(COLOURS, size=2, replace=False)
+    sa, sb = rng.choice(SHAPES, size=2)
+    size_pairs = (("small", "small"), ("small", "large"), ("large", "small"))
+    za, zb = size_pairs[int(rng.integers(len(size_pairs)))]
+    relation = str(rng.choice(RELATIONS))
+    ea, eb = _sample_extent(rng, za), _sample_extent(rng, zb)
+    ax, ay, bx, by = _sample_pair_positions(rng, ea, eb, relation)
+    a = ShapeObject(str(ca), str(sa), za, ea, float(ax), float(ay))
+    b = ShapeObject(str(cb), str(sb), zb, eb, float(bx), float(by))
+    return Scene((a, b), relation)
+
+
+# Caption templates. Colour, shape and size words always appear verbatim; relation phrases vary.
+_ONE_TEMPLATES = (
+    "a {a}",
+    "a {a}.",
+    "there is a {a}",
+    "a picture of a {a}",
+    "an image with a {a}",
+    "one {a} on a black background",
+)
+_TWO_TEMPLATES = (
+    "a {a} {rel} a {b}",
+    "there is a {a} {rel} a {b}",
+    "a picture of a {a} {rel} a {b}",
+    "an image where a {a} is {rel} a {b}",
+)
+RELATION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left": ("to the left of", "on the left of", "left of"),
+    "right": ("to the right of", "on the right of", "right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+
+
+def caption_for(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption for `scene` drawn from a few templates; describes every object fully."""
+    if len(scene.objects) == 1:
+        template = _ONE_TEMPLATES[int(rng.integers(len(_ONE_TEMPLATES)))]
+        return template.format(a=scene.objects[0].describe())
+    if scene.relation is None:
+        raise ValueError("a two-object scene needs a relation")
+    template = _TWO_TEMPLATES[int(rng.integers(len(_TWO_TEMPLATES)))]
+    phrases = RELATION_PHRASES[scene.relation]
+    rel = phrases[int(rng.integers(len(phrases)))]
+    return template.format(a=scene.objects[0].describe(), rel=rel, b=scene.objects[1].describe())
+
+
+def _coverage(obj: ShapeObject, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Inside-test of `obj` at sample points (xs [1, W], ys [H, 1] in [0, 1] coords) -> bool [H, W]."""
+    h = obj.extent / 2
+    dx, dy = xs - obj.cx, ys - obj.cy
+    if obj.shape == "circle":
+        return dx * dx + dy * dy <= h * h
+    if obj.shape == "square":
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if obj.shape == "triangle":  # apex up, base at the bottom of the box; half-width grows from 0 to h
+        return (dy <= h) & (np.abs(dx) <= (dy + h) / 2)
+    raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+
+
+def render(scene: Scene, resolution: int, *, supersample: int = 4) -> np.ndarray:
+    """Render `scene` to uint8 [resolution, resolution, 3], anti-aliased by supersampling.
+
+    Each object only touches the pixels under its bounding box, so cost scales with object area.
+    """
+    n = resolution * supersample
+    image = np.empty((resolution, resolution, 3), np.float32)
+    image[:] = BACKGROUND
+    for obj in scene.objects:
+        # Pixel window covering the bounding box (one pixel of slack for rounding).
+        lo_x = max(int(np.floor((obj.cx - obj.extent / 2) * resolution)) - 1, 0)
+        hi_x = min(int(np.ceil((obj.cx + obj.extent / 2) * resolution)) + 1, resolution)
+        lo_y = max(int(np.floor((obj.cy - obj.extent / 2) * resolution)) - 1, 0)
+        hi_y = min(int(np.ceil((obj.cy + obj.extent / 2) * resolution)) + 1, resolution)
+        # Sub-pixel sample centres inside the window.
+        xs = (np.arange(lo_x * supersample, hi_x * supersample) + 0.5)[None, :] / n
+        ys = (np.arange(lo_y * supersample, hi_y * supersample) + 0.5)[:, None] / n
+        inside = _coverage(obj, xs, ys)
+        cov = inside.reshape(hi_y - lo_y, supersample, hi_x - lo_x, supersample).mean(axis=(1, 3))
+        window = image[lo_y:hi_y, lo_x:hi_x]
+        colour = np.asarray(PALETTE[obj.colour], np.float32)
+        window += cov[..., None].astype(np.float32) * (colour - window)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Independent generator per (seed, split, index); split names hash stably (crc32, not hash())."""
+    code = _SPLIT_CODES.get(split, zlib.crc32(split.encode("utf-8")))
+    return np.random.default_rng(np.random.SeedSequence([seed, code, index]))
+
+
+def make_example(
+    seed: int, split: str, index: int, resolution: int | Sequence[int] = 32, *, p_two: float = 0.5
+) -> dict[str, object]:
+    """Deterministic example for (seed, split, index): {"image_<r>": uint8 per resolution, "image" (the
+    first resolution), "caption": str, "scene": JSON str}. All resolutions render the same scene."""
+    rng = example_rng(seed, split, index)
+    scene = sample_scene(rng, p_two=p_two)
+    caption = caption_for(scene, rng)
+    resolutions = [resolution] if isinstance(resolution, int) else list(resolution)
+    out: dict[str, object] = {f"image_{r}": render(scene, r) for r in resolutions}
+    out["image"] = out[f"image_{resolutions[0]}"]
+    out["caption"] = caption
+    out["scene"] = scene.to_json()
+    return out
+
+
+def eval_set(num: int, *, seed: int = 0, split: str = "test", p_two: float = 0.5) -> list[tuple[str, Scene]]:
+    """Held-out (caption, scene) pairs: the same stream as `make_example(seed, split, i)`, no rendering.
+
+    Use a split (default "test") the model never trained on; captions are new scenes, though the short
+    one-object captions can repeat training captions verbatim (there are only 42 attribute combinations).
+    """
+    pairs = []
+    for i in range(num):
+        rng = example_rng(seed, split, i)
+        scene = sample_scene(rng, p_two=p_two)
+        pairs.append((caption_for(scene, rng), scene))
+    return pairs

@@ -1,0 +1,226 @@
+"""One configurable text-conditioned U-Net for every cascade stage.
+
+The same module expresses the paper's base U-Net (ADM ordering: residual blocks then downsample, a skip
+per block, attention at several levels) and the Efficient U-Net of the super-resolution stages
+(`efficient=True`: DBlock = downsample first then blocks, UBlock = blocks then upsample, a skip per level,
+more blocks at low resolution). Super-resolution stages add `lowres_cond=True`: the low-resolution image
+is upsampled and concatenated to the input and its noise-augmentation level joins the conditioning.
+
+Conditioning: a sinusoidal embedding of the noise level (log-SNR) through an MLP, plus an
+attention-pooled text vector; it drives FiLM (scale-shift) in every residual block. Text tokens are
+LayerNorm-ed and projected, then read by cross-attention at the levels that ask for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from imagen_jax.models import layers
+from imagen_jax.parallel import axes
+
+Dtype = Any
+
+
+def _per_level(value: Any, num_levels: int, name: str) -> tuple:
+    """Expands a scalar to one value per level and checks the length of a sequence."""
+    if isinstance(value, (int, float, bool)):
+        return (value,) * num_levels
+    value = tuple(value)
+    if len(value) != num_levels:
+        raise ValueError(
+            f"model.{name} has {len(value)} entries but model.channel_mults has {num_levels} levels; "
+            "give one value per level (or a single value for all)."
+        )
+    return value
+
+
+class UNet(nn.Module):
+    """Predicts the diffusion target (v, eps or x0) from a noisy image, its log-SNR and the text."""
+
+    channels: int = 64
+    channel_mults: Sequence[int] = (1, 2, 4)
+    num_res_blocks: int | Sequence[int] = 2
+    self_attention: bool | Sequence[bool] = (False, False, True)
+    cross_attention: bool | Sequence[bool] = (False, True, True)
+    head_dim: int = 32
+    num_heads: int = 0  # 0: derive as channels // head_dim per level
+    cond_dim: int = 256
+    text_dim: int = 256  # width text tokens are projected to before cross-attention / pooling
+    norm_groups: int = 32
+    dropout: float = 0.0
+    null_text: str = "zero"  # unconditional text: "zero" embedding (paper) or a "learned" null token
+    efficient: bool = False
+    skip_scale: float = 1.0 / math.sqrt(2.0)
+    out_channels: int = 3
+    patch_size: int = 1  # >1: space-to-depth stem and depth-to-space head (U-Net runs at H/p x W/p)
+    lowres_cond: bool = False
+    logsnr_min_period: float = 0.25  # periods of the log-SNR sinusoidal features, in log-SNR units
+    logsnr_max_period: float = 200.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _learned_null(self) -> bool:
+        if self.null_text not in ("zero", "learned"):
+            raise ValueError(f"model.null_text={self.null_text!r}: use 'zero' or 'learned'.")
+        return self.null_text == "learned"
+
+    def _heads(self, width: int) -> tuple[int, int]:
+        if self.num_heads:
+            return self.num_heads, width // self.num_heads
+        if width % self.head_dim:
+            raise ValueError(f"model.head_dim={self.head_dim} does not divide the level width {width}.")
+        return width // self.head_dim, self.head_dim
+
+    def _conditioning(self, logsnr: jax.Array, text: jax.Array, text_mask: jax.Array,
+                      aug_logsnr: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Text: LayerNorm (T5 outputs are unnormalised and large), project, zero the padding.
+        tokens = layers.layer_norm(name="text_norm", param_dtype=self.param_dtype)(text)
+        tokens = layers.dense(self.text_dim, name="text_proj", in_axis=axes.EMBED, out_axis=axes.MLP, **kw)(
+            tokens.astype(self.dtype)
+        )
+        tokens = tokens * text_mask[..., None].astype(tokens.dtype)
+
+        def noise_embedding(value: jax.Array, name: str) -> jax.Array:
+            feats = layers.sinusoidal_embedding(
+                value, self.cond_dim, min_period=self.logsnr_min_period, max_period=self.logsnr_max_period
+            )
+            h = layers.dense(self.cond_dim, name=f"{name}_mlp1", in_axis=axes.EMBED, out_axis=axes.MLP, **kw)(feats)
+            return layers.dense(self.cond_dim, name=f"{name}_mlp2", in_axis=axes.MLP, out_axis=axes.EMBED, **kw)(
+                nn.silu(h)
+            )
+
+        cond = noise_embedding(logsnr, "time")
+        if self.lowres_cond:
+            cond = cond + noise_embedding(aug_logsnr, "aug")
+        heads, head_dim = self._heads(self.text_dim)
+        pooled = layers.AttentionPool(heads, head_dim, self._learned_null(), name="text_pool", **kw)(
+            tokens, text_mask
+        )
+        cond = cond + layers.dense(self.cond_dim, name="pooled_proj", in_axis=axes.MLP, out_axis=axes.EMBED,
+                                   **kw)(nn.silu(pooled))
+        return cond, tokens
+
+    def _level_block(self, h: jax.Array, cond: jax.Array, tokens: jax.Array, text_mask: jax.Array, *,
+                     width: int, self_attn: bool, cross_attn: bool, name: str, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.ResBlock(width, self.norm_groups, self.dropout, name=f"{name}_res", **kw)(h, cond, train=train)
+        heads, head_dim = self._heads(width)
+        if self_attn:
+            h = layers.SelfAttention(heads, head_dim, self.norm_groups, name=f"{name}_attn", **kw)(h)
+        if cross_attn:
+            h = layers.CrossAttention(heads, head_dim, self._learned_null(), name=f"{name}_xattn", **kw)(
+                h, tokens, text_mask
+            )
+        return h
+
+    @nn.compact
+    def __call__(
+        self,
+        z: jax.Array,
+        logsnr: jax.Array,
+        text: jax.Array,
+        text_mask: jax.Array,
+        *,
+        lowres: jax.Array | None = None,
+        aug_logsnr: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        """z: [B,H,W,C] noisy image; logsnr: [B]; text: [B,L,D] embeddings; text_mask: [B,L] bool.
+
+        A row whose mask is all False is the unconditional (null-text) case.
+        """
+        levels = len(self.channel_mults)
+        num_blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
+        self_attn = _per_level(self.self_attention, levels, "self_attention")
+        cross_attn = _per_level(self.cross_attention, levels, "cross_attention")
+        widths = [self.channels * m for m in self.channel_mults]
+        factor = self.patch_size * 2 ** (levels - 1)
+        if z.shape[1] % factor or z.shape[2] % factor:
+            raise ValueError(
+                f"image size {tuple(z.shape[1:3])} must be divisible by patch_size * 2^(levels-1) = {factor}."
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        cond, tokens = self._conditioning(logsnr, text, text_mask, aug_logsnr)
+        x = z
+        if self.lowres_cond:
+            if lowres is None or aug_logsnr is None:
+                raise ValueError("this U-Net has lowres_cond=True: pass `lowres` and `aug_logsnr`.")
+            up = jax.image.resize(lowres, z.shape[:3] + lowres.shape[3:], method="bilinear")
+            x = jnp.concatenate([z, up.astype(z.dtype)], axis=-1)
+        p = self.patch_size
+        if p > 1:
+            b, hh, ww, c = x.shape
+            x = x.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh // p, ww // p, -1)
+        h = layers.conv(widths[0], name="conv_in", **kw)(x.astype(self.dtype))
+
+        block = lambda h, level, name: self._level_block(  # noqa: E731
+            h, cond, tokens, text_mask, width=widths[level], self_attn=self_attn[level],
+            cross_attn=cross_attn[level], name=name, train=train,
+        )
+        skips = []
+        # Down path.
+        if not self.efficient:
+            skips.append(h)
+        for level in range(levels):
+            if self.efficient and level > 0:  # DBlock: downsample first
+                h = layers.Downsample(widths[level], name=f"down{level}_sample", **kw)(h)
+            for i in range(num_blocks[level]):
+                h = block(h, level, f"down{level}_{i}")
+                if not self.efficient:
+                    skips.append(h)
+            if self.efficient:
+                skips.append(h)
+            elif level < levels - 1:
+                h = layers.Downsample(widths[level], name=f"down{level}_sample", **kw)(h)
+                skips.append(h)
+
+        # Middle: always attends (lowest resolution is cheap).
+        h = block(h, levels - 1, "mid_0")
+        h = layers.ResBlock(widths[-1], self.norm_groups, self.dropout, name="mid_1_res", **kw)(h, cond, train=train)
+
+        # Up path.
+        for level in reversed(range(levels)):
+            if self.efficient:
+                h = jnp.concatenate([h, skips.pop() * self.skip_scale], axis=-1)
+                for i in range(num_blocks[level]):
+                    h = block(h, level, f"up{level}_{i}")
+                if level > 0:  # UBlock: upsample last
+                    h = layers.Upsample(widths[level - 1], name=f"up{level}_sample", **kw)(h)
+            else:
+                for i in range(num_blocks[level] + 1):
+                    h = jnp.concatenate([h, skips.pop() * self.skip_scale], axis=-1)
+                    h = block(h, level, f"up{level}_{i}")
+                if level > 0:
+                    h = layers.Upsample(widths[level], name=f"up{level}_sample", **kw)(h)
+
+        h = nn.silu(layers.group_norm(self.norm_groups, h.shape[-1], name="norm_out", param_dtype=self.param_dtype)(h))
+        out = layers.conv(self.out_channels * p * p, name="conv_out", zero=True, **kw)(h.astype(self.dtype))
+        if p > 1:
+            b, hh, ww, _ = out.shape
+            out = out.reshape(b, hh, ww, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh * p, ww * p, -1)
+        return out.astype(jnp.float32)
+
+
+def unet_from_config(model_config: ml_collections.ConfigDict) -> UNet:
+    """Builds the U-Net from `config.model` (every field of the config maps to one module field)."""
+    kwargs = dict(model_config)
+    for key in ("dtype", "param_dtype"):
+        if key in kwargs:
+            kwargs[key] = jnp.dtype(kwargs[key])
+    for key in ("channel_mults", "num_res_blocks", "self_attention", "cross_attention"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    known = set(UNet.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown config.model keys {unknown}; allowed keys: {sorted(known)}.")
+    return UNet(**kwargs)

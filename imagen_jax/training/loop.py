@@ -1,0 +1,160 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run of one cascade stage.
+
+Parts, in order: validate config -> mesh -> stage modules -> input pipeline -> state (fresh or restored)
+-> compile the step ahead of time -> loop (progress, metrics, non-finite check, checkpoints, sample grids).
+The same code runs on 1 CPU, 8 fake CPU devices or a pod slice: only the mesh differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from imagen_jax.cascade import stage as stage_lib
+from imagen_jax.cascade.images import save_grid
+from imagen_jax.data.pipeline import make_loader
+from imagen_jax.data.sources import build_source
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.training import checkpoint
+from imagen_jax.training.config_checks import validate_config
+from imagen_jax.training.progress import MetricWriter, Progress
+from imagen_jax.training.state import TrainState, make_optimizer
+from imagen_jax.training.step import make_train_step
+
+log = logging.getLogger("imagen_jax")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global arrays sharded over the batch mesh axes (multi-host ready)."""
+    out = {}
+    for key, value in local.items():
+        if value.dtype == object:  # captions stay on the host
+            continue
+        sharding = mesh_lib.batch_sharding(mesh, rules, value.ndim)
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def _sample_grid(stage: stage_lib.Stage, state: TrainState, prompts: list[str], path: str, seed: int) -> None:
+    ema_stage = stage_lib.Stage(stage.config, stage.unet, stage.text, stage.mesh, params=state.ema_params)
+    images = stage_lib.generate(ema_stage, prompts, rng=jax.random.PRNGKey(seed))
+    save_grid(images, prompts, path, columns=min(len(prompts), 8), upscale=2)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains the stage described by `config`, resuming from the latest checkpoint in `workdir`."""
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    tc = config.train
+    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch_divisible(tc.batch_size, mesh, config.axis_rules)
+    log.info("devices: %d x %s, mesh %s", jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))
+
+    stage = stage_lib.build_stage(config, mesh)
+    optimizer = make_optimizer(config.optim, tc.num_steps)
+    source = build_source(config.data, workdir, "train")
+    loader = make_loader(
+        source, batch_size=tc.batch_size, seed=config.data.seed, tokenize_fn=stage.text.tokenizer,
+        worker_count=config.data.worker_count, prefetch=config.data.prefetch * tc.batch_size,
+    )
+
+    manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
+    if manager.latest_step() is not None:
+        structs, shardings = stage_lib.abstract_train_state(stage, optimizer)
+        state = checkpoint.restore(manager, structs, config)
+        log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state.step))
+    else:
+        state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+    start_step = int(jax.device_get(state.step))
+
+    frozen = {} if config.text.train_jointly else {"text": stage.text.params}
+    it = iter(loader)
+    if start_step:
+        data_state = checkpoint.restore_data_state(manager, start_step)
+        if data_state is None:
+            raise ValueError(
+                f"checkpoint {checkpoint.checkpoint_dir(workdir)}/{start_step} has no input-pipeline state; "
+                "it cannot be resumed exactly. Start a new --workdir."
+            )
+        it.set_state(data_state)
+    batch = _global_batch(next(it), mesh, config.axis_rules)
+    step_fn = jax.jit(
+        make_train_step(config, stage.unet, stage.text.module, optimizer),
+        in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch, frozen).compile()
+    log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+
+    writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+    progress = Progress(total_steps=tc.num_steps, batch_size=tc.batch_size, first_step=start_step)
+    budget = tc.time_budget_minutes * 60.0
+    started = time.perf_counter()
+    nonfinite = jnp.zeros((), jnp.int32)
+    last_checked = start_step
+    step = start_step
+    pending = []  # device metrics since the last log, fetched only at log time (no per-step host sync)
+
+    def check_finite(upto: int) -> None:
+        nonlocal last_checked
+        if int(jax.device_get(nonfinite)):
+            raise NonFiniteLossError(
+                f"non-finite loss between steps {last_checked} and {upto}; no checkpoint was written after "
+                f"step {last_checked}. Lower config.optim.learning_rate or enable config.optim.grad_clip, "
+                "then resume (the last good checkpoint is kept)."
+            )
+        last_checked = upto
+
+    while step < tc.num_steps:
+        state, metrics = compiled(state, batch, frozen)
+        nonfinite = nonfinite + metrics["nonfinite"]
+        pending.append(metrics)
+        step += 1
+        if step == start_step + 1:
+            jax.block_until_ready(state.step)
+            progress.start(step)
+        out_of_time = budget > 0 and time.perf_counter() - started > budget
+        done = step >= tc.num_steps or out_of_time
+        if step % tc.log_every == 0 or done:
+            check_finite(step)
+            fetched = jax.device_get(pending)
+            pending = []
+            means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
+            means["learning_rate"] = float(fetched[-1]["learning_rate"])
+            rates = progress.update(step)
+            writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
+                                  **{f"perf/{k}": v for k, v in rates.items()}})
+            log.info(progress.line(step, means, rates))
+        if step % tc.checkpoint_every == 0 or done:
+            with progress.paused():
+                check_finite(step)
+                # The iterator has yielded exactly `step` batches: the next one feeds step + 1.
+                checkpoint.save(manager, state, config, it.get_state())
+        if tc.sample_every and (step % tc.sample_every == 0 or done):
+            with progress.paused():
+                _sample_grid(stage, state, list(tc.sample_prompts),
+                             os.path.join(workdir, "samples", f"step_{step:07d}.png"), config.seed)
+        if out_of_time:
+            log.info("time budget of %.1f min reached at step %d", tc.time_budget_minutes, step)
+            break
+        if step < tc.num_steps:
+            batch = _global_batch(next(it), mesh, config.axis_rules)
+    manager.wait_until_finished()
+    writer.scalars(step, {"perf/train_seconds": progress.train_seconds,
+                          "perf/wall_seconds": time.perf_counter() - started})
+    writer.close()
+    log.info("finished at step %d (%.1f s wall, %.1f s in steps)", step, time.perf_counter() - started,
+             progress.train_seconds)
+    return state
