@@ -34,9 +34,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     png, txt = sample_to_grid(
-        FLAGS.workdir, prompts=FLAGS.prompt, prompts_file=FLAGS.prompts_file, num=FLAGS.num, out=FLAGS.out,
-        seed=FLAGS.seed, step=FLAGS.step, guidance=FLAGS.guidance, sampler=FLAGS.sampler, num_steps=FLAGS.steps,
-        eta=FLAGS.eta, threshold=FLAGS.threshold,
+        FLAGS.workdir,
+        prompts=FLAGS.prompt,
+        prompts_file=FLAGS.prompts_file,
+        num=FLAGS.num,
+        out=FLAGS.out,
+        seed=FLAGS.seed,
+        step=FLAGS.step,
+        guidance=FLAGS.guidance,
+        sampler=FLAGS.sampler,
+        num_steps=FLAGS.steps,
+        eta=FLAGS.eta,
+        threshold=FLAGS.threshold,
     )
     print(f"wrote {png} and {txt}")
 

@@ -13,8 +13,9 @@ from ml_collections import config_flags
 from imagen_jax.training.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Python config file (optionally file.py:variant).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Python config file (optionally file.py:variant).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, metrics and samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 

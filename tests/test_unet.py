@@ -9,8 +9,17 @@ import pytest
 from imagen_jax.models.unet import UNet
 
 TEXT_D = 12
-SMALL = dict(channels=8, channel_mults=(1, 2), num_res_blocks=1, self_attention=(False, True),
-             cross_attention=(False, True), head_dim=8, cond_dim=16, text_dim=16, norm_groups=4)
+SMALL = dict(
+    channels=8,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    self_attention=(False, True),
+    cross_attention=(False, True),
+    head_dim=8,
+    cond_dim=16,
+    text_dim=16,
+    norm_groups=4,
+)
 
 
 def _inputs(batch=2, res=16, length=5, lowres=None):
@@ -40,8 +49,14 @@ def norm(c):
 
 
 def res(cin, cout, cond):
-    return norm(cin) + conv(cin, cout) + dense(cond, 2 * cout) + norm(cout) + conv(cout, cout) + (
-        conv(cin, cout, 1) if cin != cout else 0)
+    return (
+        norm(cin)
+        + conv(cin, cout)
+        + dense(cond, 2 * cout)
+        + norm(cout)
+        + conv(cout, cout)
+        + (conv(cin, cout, 1) if cin != cout else 0)
+    )
 
 
 def self_attn(c, heads, hd):
@@ -49,7 +64,14 @@ def self_attn(c, heads, hd):
 
 
 def cross_attn(c, text, heads, hd, learned):
-    return norm(c) + c * heads * hd + 2 * text * heads * hd + heads * hd * c + c + (2 * heads * hd if learned else 0)
+    return (
+        norm(c)
+        + c * heads * hd
+        + 2 * text * heads * hd
+        + heads * hd * c
+        + c
+        + (2 * heads * hd if learned else 0)
+    )
 
 
 def pool(width, heads, hd, learned):
@@ -63,30 +85,45 @@ def test_parameter_count_matches_hand_count(null_text):
     learned = null_text == "learned"
     c0, c1, cond, td = 8, 16, 16, 16
     expected = (
-        norm(TEXT_D) + dense(TEXT_D, td)  # text LayerNorm + projection
+        norm(TEXT_D)
+        + dense(TEXT_D, td)  # text LayerNorm + projection
         + dense(cond, cond) * 2  # noise-level MLP
-        + pool(td, 2, 8, learned) + dense(td, cond)  # attention pooling + its projection
+        + pool(td, 2, 8, learned)
+        + dense(td, cond)  # attention pooling + its projection
         + conv(3, c0)  # conv_in
         + res(c0, c0, cond)  # level 0, block 0 (no attention)
         + conv(c0, c0)  # downsample
-        + res(c0, c1, cond) + self_attn(c1, 2, 8) + cross_attn(c1, td, 2, 8, learned)  # level 1
-        + res(c1, c1, cond) + self_attn(c1, 2, 8) + cross_attn(c1, td, 2, 8, learned)  # middle
+        + res(c0, c1, cond)
+        + self_attn(c1, 2, 8)
+        + cross_attn(c1, td, 2, 8, learned)  # level 1
+        + res(c1, c1, cond)
+        + self_attn(c1, 2, 8)
+        + cross_attn(c1, td, 2, 8, learned)  # middle
         + res(c1, c1, cond)  # middle, second block
-        + res(c1 + c1, c1, cond) + self_attn(c1, 2, 8) + cross_attn(c1, td, 2, 8, learned)  # up level 1
-        + res(c1 + c0, c1, cond) + self_attn(c1, 2, 8) + cross_attn(c1, td, 2, 8, learned)
+        + res(c1 + c1, c1, cond)
+        + self_attn(c1, 2, 8)
+        + cross_attn(c1, td, 2, 8, learned)  # up level 1
+        + res(c1 + c0, c1, cond)
+        + self_attn(c1, 2, 8)
+        + cross_attn(c1, td, 2, 8, learned)
         + conv(c1, c1)  # upsample
-        + res(c1 + c0, c0, cond) + res(c0 + c0, c0, cond)  # up level 0
-        + norm(c0) + conv(c0, 3)  # output head
+        + res(c1 + c0, c0, cond)
+        + res(c0 + c0, c0, cond)  # up level 0
+        + norm(c0)
+        + conv(c0, 3)  # output head
     )
     assert _count(params) == expected
 
 
-@pytest.mark.parametrize("variant", [
-    dict(),
-    dict(efficient=True, num_res_blocks=(1, 2)),
-    dict(patch_size=2),
-    dict(lowres_cond=True),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(efficient=True, num_res_blocks=(1, 2)),
+        dict(patch_size=2),
+        dict(lowres_cond=True),
+    ],
+)
 def test_output_shape_and_finite_gradients(variant):
     model = UNet(**{**SMALL, **variant})
     z, logsnr, text, mask = _inputs()
@@ -100,7 +137,9 @@ def test_output_shape_and_finite_gradients(variant):
     out = model.apply({"params": params}, z, logsnr, text, mask, **extra)
     assert out.shape == z.shape and out.dtype == jnp.float32
 
-    grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, z, logsnr, text, mask, **extra) ** 2))(params)
+    grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, z, logsnr, text, mask, **extra) ** 2))(
+        params
+    )
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert sum(bool(jnp.any(g != 0)) for g in leaves) == len(leaves), "some parameters get no gradient"
@@ -124,7 +163,9 @@ def test_unconditional_rows_ignore_text_and_padding_is_ignored():
 def test_parameters_carry_logical_axis_names():
     model = UNet(**SMALL)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_inputs())["params"])
-    specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    specs = jax.tree.leaves(
+        nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
     assert len(specs) == len(jax.tree.leaves(nn.unbox(boxed)))
     assert all(isinstance(s, jax.sharding.PartitionSpec) and len(s) > 0 for s in specs)
     conv_in = nn.get_partition_spec(boxed)["conv_in"]["kernel"]

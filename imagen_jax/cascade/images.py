@@ -22,12 +22,15 @@ def make_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2) -
     grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = image
     return grid
 
 
-def save_grid(images: np.ndarray, prompts: Sequence[str], path: str, *, columns: int | None = None,
-              upscale: int = 1) -> tuple[str, str]:
+def save_grid(
+    images: np.ndarray, prompts: Sequence[str], path: str, *, columns: int | None = None, upscale: int = 1
+) -> tuple[str, str]:
     """Writes the PNG grid and `<path minus .png>.txt` (one `index<TAB>prompt` line per image, row-major)."""
     grid = make_grid(images, columns=columns)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -45,6 +45,8 @@ def sample_to_grid(
     t0 = time.perf_counter()
     images = stage_lib.generate(stage, repeated, rng=jax.random.PRNGKey(seed), **sample_options)
     seconds = time.perf_counter() - t0
-    print(f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s, "
-          "including compilation)")
+    print(
+        f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s, "
+        "including compilation)"
+    )
     return save_grid(images, repeated, out, columns=num, upscale=2)

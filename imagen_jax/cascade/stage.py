@@ -112,8 +112,14 @@ def abstract_train_state(stage: Stage, optimizer: optax.GradientTransformation) 
     return structs, shardings
 
 
-def load_stage(workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None,
-               mesh: Mesh | None = None, use_ema: bool = True) -> Stage:
+def load_stage(
+    workdir: str,
+    *,
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    mesh: Mesh | None = None,
+    use_ema: bool = True,
+) -> Stage:
     """The stage trained in `workdir` with its (EMA) weights; the config comes from the checkpoint."""
     config = config or checkpoint.read_config(workdir, step)
     stage = build_stage(config, mesh)
@@ -125,13 +131,39 @@ def load_stage(workdir: str, *, step: int | None = None, config: ml_collections.
 
 @functools.partial(
     jax.jit,
-    static_argnames=("unet", "text_module", "schedule", "objective", "sampler", "num_steps", "threshold",
-                     "percentile", "time_grid", "shape"),
+    static_argnames=(
+        "unet",
+        "text_module",
+        "schedule",
+        "objective",
+        "sampler",
+        "num_steps",
+        "threshold",
+        "percentile",
+        "time_grid",
+        "shape",
+    ),
 )
-def _sample(unet_params: Any, text_params: Any, text_ids: jax.Array, text_mask: jax.Array, rng: jax.Array,
-            guidance: jax.Array, eta: jax.Array, *, unet: UNet, text_module: Any, schedule: Any, objective: str,
-            sampler: str, num_steps: int, threshold: str, percentile: float, time_grid: str,
-            shape: tuple[int, ...]) -> jax.Array:
+def _sample(
+    unet_params: Any,
+    text_params: Any,
+    text_ids: jax.Array,
+    text_mask: jax.Array,
+    rng: jax.Array,
+    guidance: jax.Array,
+    eta: jax.Array,
+    *,
+    unet: UNet,
+    text_module: Any,
+    schedule: Any,
+    objective: str,
+    sampler: str,
+    num_steps: int,
+    threshold: str,
+    percentile: float,
+    time_grid: str,
+    shape: tuple[int, ...],
+) -> jax.Array:
     emb = encode_tokens(text_module, text_params, text_ids, text_mask)
     null = (jnp.zeros_like(emb), jnp.zeros_like(text_mask))
 
@@ -139,11 +171,24 @@ def _sample(unet_params: Any, text_params: Any, text_ids: jax.Array, text_mask: 
         return unet.apply({"params": unet_params}, z, logsnr, cond[0], cond[1])
 
     denoise = samplers.make_denoise_fn(
-        model_fn, objective=objective, cond=(emb, text_mask), uncond=null, guidance_weight=guidance,
-        threshold=threshold, percentile=percentile,
+        model_fn,
+        objective=objective,
+        cond=(emb, text_mask),
+        uncond=null,
+        guidance_weight=guidance,
+        threshold=threshold,
+        percentile=percentile,
     )
-    return samplers.sample(denoise, shape=shape, rng=rng, schedule=schedule, sampler=sampler,
-                           num_steps=num_steps, eta=eta, time_grid=time_grid)
+    return samplers.sample(
+        denoise,
+        shape=shape,
+        rng=rng,
+        schedule=schedule,
+        sampler=sampler,
+        num_steps=num_steps,
+        eta=eta,
+        time_grid=time_grid,
+    )
 
 
 def generate(
@@ -187,13 +232,22 @@ def generate(
     schedule = schedule_from_config(stage.config.diffusion)
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
+        chunk = list(prompts[start : start + batch_size])
         tokens = stage.text.tokenizer(chunk + [""] * (batch_size - len(chunk)))
         ids, mask = (jax.device_put(tokens[k], batch_sharding) for k in ("text_ids", "text_mask"))
         images = _sample(
-            stage.params["unet"], stage.text_params, ids, mask, jax.random.fold_in(rng, start),
-            jnp.float32(guidance), jnp.float32(eta), unet=stage.unet, text_module=stage.text.module,
-            schedule=schedule, objective=stage.config.diffusion.objective, shape=(batch_size, res, res, 3),
+            stage.params["unet"],
+            stage.text_params,
+            ids,
+            mask,
+            jax.random.fold_in(rng, start),
+            jnp.float32(guidance),
+            jnp.float32(eta),
+            unet=stage.unet,
+            text_module=stage.text.module,
+            schedule=schedule,
+            objective=stage.config.diffusion.objective,
+            shape=(batch_size, res, res, 3),
             **opts,
         )
         out.append(to_uint8(jax.device_get(images))[: len(chunk)])

@@ -16,8 +16,12 @@ def build_source(data: ml_collections.ConfigDict, workdir: str, split: str = "tr
     """The `split` of the dataset named by `data.name` (shapes are generated offline on first use)."""
     if data.name == "shapes":
         builder = prepare_shapes(
-            data.data_dir or os.path.join(workdir, "data"), resolutions=data.resolution,
-            num_train=data.num_train, num_eval=data.num_eval, seed=data.seed, p_two=data.two_object_prob,
+            data.data_dir or os.path.join(workdir, "data"),
+            resolutions=data.resolution,
+            num_train=data.num_train,
+            num_eval=data.num_eval,
+            seed=data.seed,
+            p_two=data.two_object_prob,
         )
         return builder.as_data_source(split)
     if data.name == "folder":

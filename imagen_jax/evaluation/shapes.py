@@ -42,8 +42,13 @@ def evaluate_shapes(
     for weight in guidance_weights:
         t0 = time.perf_counter()
         images = stage_lib.generate(
-            stage, captions, rng=jax.random.PRNGKey(seed), guidance=float(weight), batch_size=batch_size,
-            sampler=sampler, num_steps=num_steps,
+            stage,
+            captions,
+            rng=jax.random.PRNGKey(seed),
+            guidance=float(weight),
+            batch_size=batch_size,
+            sampler=sampler,
+            num_steps=num_steps,
         )
         table = score_batch(images, scenes)
         seconds = time.perf_counter() - t0
@@ -51,15 +56,22 @@ def evaluate_shapes(
         print(f"\n== guidance {weight:g} ({num_captions} captions, {seconds:.0f} s) ==")
         print(format_table(table))
         if out_dir:
-            save_grid(images[:32], captions[:32], os.path.join(out_dir, f"samples_guidance_{weight:g}.png"),
-                      columns=8, upscale=2)
+            save_grid(
+                images[:32],
+                captions[:32],
+                os.path.join(out_dir, f"samples_guidance_{weight:g}.png"),
+                columns=8,
+                upscale=2,
+            )
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
     parser.add_argument("--guidance", default=None, help="comma-separated weights (default: config.eval)")
     parser.add_argument("--num", type=int, default=None, help="held-out captions (default: config.eval)")
@@ -74,8 +86,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights.append(float(stage.config.sample.guidance))
     out_dir = os.path.join(args.workdir, "eval")
     results = evaluate_shapes(
-        stage, guidance_weights=weights, num_captions=args.num or ev.num_captions, batch_size=ev.batch_size,
-        seed=ev.seed, out_dir=out_dir, sampler=args.sampler, num_steps=args.steps,
+        stage,
+        guidance_weights=weights,
+        num_captions=args.num or ev.num_captions,
+        batch_size=ev.batch_size,
+        seed=ev.seed,
+        out_dir=out_dir,
+        sampler=args.sampler,
+        num_steps=args.steps,
     )
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "shapes_eval.json"), "w") as f:

@@ -26,24 +26,48 @@ def _init(init_fn: Any, names: tuple[str, ...]) -> Any:
 
 
 def dense(
-    features: int, *, name: str, dtype: Dtype, param_dtype: Dtype, zero: bool = False,
-    in_axis: str = axes.EMBED, out_axis: str = axes.MLP, use_bias: bool = True,
+    features: int,
+    *,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    zero: bool = False,
+    in_axis: str = axes.EMBED,
+    out_axis: str = axes.MLP,
+    use_bias: bool = True,
 ) -> nn.Dense:
     kernel = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
     return nn.Dense(
-        features, name=name, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
-        kernel_init=_init(kernel, (in_axis, out_axis)), bias_init=_init(nn.initializers.zeros, (out_axis,)),
+        features,
+        name=name,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_bias=use_bias,
+        kernel_init=_init(kernel, (in_axis, out_axis)),
+        bias_init=_init(nn.initializers.zeros, (out_axis,)),
     )
 
 
 def conv(
-    features: int, *, name: str, dtype: Dtype, param_dtype: Dtype, kernel: int = 3, strides: int = 1,
+    features: int,
+    *,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    kernel: int = 3,
+    strides: int = 1,
     zero: bool = False,
 ) -> nn.Conv:
     init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
     return nn.Conv(
-        features, (kernel, kernel), strides=(strides, strides), padding="SAME", name=name, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=_init(init, CONV_AXES),
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding="SAME",
+        name=name,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_init(init, CONV_AXES),
         bias_init=_init(nn.initializers.zeros, (axes.CONV_OUT,)),
     )
 
@@ -51,15 +75,22 @@ def conv(
 def group_norm(groups: int, channels: int, *, name: str, param_dtype: Dtype) -> nn.GroupNorm:
     # Statistics in float32 whatever the compute dtype: bf16 variance over large maps is too coarse.
     return nn.GroupNorm(
-        num_groups=math.gcd(groups, channels), name=name, dtype=jnp.float32, param_dtype=param_dtype,
-        scale_init=_init(nn.initializers.ones, (axes.NORM,)), bias_init=_init(nn.initializers.zeros, (axes.NORM,)),
+        num_groups=math.gcd(groups, channels),
+        name=name,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=_init(nn.initializers.ones, (axes.NORM,)),
+        bias_init=_init(nn.initializers.zeros, (axes.NORM,)),
     )
 
 
 def layer_norm(*, name: str, param_dtype: Dtype) -> nn.LayerNorm:
     return nn.LayerNorm(
-        name=name, dtype=jnp.float32, param_dtype=param_dtype,
-        scale_init=_init(nn.initializers.ones, (axes.NORM,)), bias_init=_init(nn.initializers.zeros, (axes.NORM,)),
+        name=name,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=_init(nn.initializers.ones, (axes.NORM,)),
+        bias_init=_init(nn.initializers.zeros, (axes.NORM,)),
     )
 
 
@@ -99,9 +130,15 @@ class ResBlock(nn.Module):
         return (x + h).astype(self.dtype)
 
 
-def _heads_proj(num_heads: int, head_dim: int, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.DenseGeneral:
+def _heads_proj(
+    num_heads: int, head_dim: int, *, name: str, dtype: Dtype, param_dtype: Dtype
+) -> nn.DenseGeneral:
     return nn.DenseGeneral(
-        (num_heads, head_dim), name=name, dtype=dtype, param_dtype=param_dtype, use_bias=False,
+        (num_heads, head_dim),
+        name=name,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_bias=False,
         kernel_init=_init(nn.initializers.lecun_normal(), (axes.EMBED, axes.HEADS, axes.KV)),
     )
 
@@ -109,7 +146,11 @@ def _heads_proj(num_heads: int, head_dim: int, *, name: str, dtype: Dtype, param
 def _out_proj(channels: int, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.DenseGeneral:
     # Zero init: a freshly added attention layer starts as the identity of its residual branch.
     return nn.DenseGeneral(
-        channels, axis=(-2, -1), name=name, dtype=dtype, param_dtype=param_dtype,
+        channels,
+        axis=(-2, -1),
+        name=name,
+        dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=_init(nn.initializers.zeros, (axes.HEADS, axes.KV, axes.EMBED)),
         bias_init=_init(nn.initializers.zeros, (axes.EMBED,)),
     )
@@ -162,8 +203,10 @@ class CrossAttention(nn.Module):
         v = _heads_proj(self.num_heads, self.head_dim, name="value", **kw)(text)
         if self.learned_null:
             null_kv = self.param(
-                "null_kv", _init(nn.initializers.normal(0.02), (axes.HEADS, axes.KV, axes.NORM)),
-                (self.num_heads, self.head_dim, 2), self.param_dtype,
+                "null_kv",
+                _init(nn.initializers.normal(0.02), (axes.HEADS, axes.KV, axes.NORM)),
+                (self.num_heads, self.head_dim, 2),
+                self.param_dtype,
             ).astype(self.dtype)
         else:  # the paper's rule: the null text is a zero embedding, whose bias-free key and value are 0
             null_kv = jnp.zeros((self.num_heads, self.head_dim, 2), self.dtype)
@@ -189,14 +232,24 @@ class AttentionPool(nn.Module):
         b = text.shape[0]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         width = text.shape[-1]
-        query = self.param("query", _init(nn.initializers.normal(0.02), (axes.NORM, axes.EMBED)),
-                           (1, width), self.param_dtype)
+        query = self.param(
+            "query",
+            _init(nn.initializers.normal(0.02), (axes.NORM, axes.EMBED)),
+            (1, width),
+            self.param_dtype,
+        )
         if self.learned_null:
-            null = self.param("null", _init(nn.initializers.normal(0.02), (axes.NORM, axes.EMBED)),
-                              (1, width), self.param_dtype)
+            null = self.param(
+                "null",
+                _init(nn.initializers.normal(0.02), (axes.NORM, axes.EMBED)),
+                (1, width),
+                self.param_dtype,
+            )
         else:
             null = jnp.zeros((1, width), self.param_dtype)
-        tokens = jnp.concatenate([jnp.broadcast_to(null[None], (b, 1, width)).astype(text.dtype), text], axis=1)
+        tokens = jnp.concatenate(
+            [jnp.broadcast_to(null[None], (b, 1, width)).astype(text.dtype), text], axis=1
+        )
         mask = jnp.concatenate([jnp.ones((b, 1), bool), text_mask], axis=1)[:, None, None, :]
         q = _heads_proj(self.num_heads, self.head_dim, name="query_proj", **kw)(
             jnp.broadcast_to(query[None], (b, 1, width)).astype(self.dtype)
@@ -205,7 +258,10 @@ class AttentionPool(nn.Module):
         v = _heads_proj(self.num_heads, self.head_dim, name="value", **kw)(tokens)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         return nn.DenseGeneral(
-            width, axis=(-2, -1), name="out", **kw,
+            width,
+            axis=(-2, -1),
+            name="out",
+            **kw,
             kernel_init=_init(nn.initializers.lecun_normal(), (axes.HEADS, axes.KV, axes.EMBED)),
             bias_init=_init(nn.initializers.zeros, (axes.EMBED,)),
         )(out)[:, 0]

@@ -78,8 +78,9 @@ class UNet(nn.Module):
             raise ValueError(f"model.head_dim={self.head_dim} does not divide the level width {width}.")
         return width // self.head_dim, self.head_dim
 
-    def _conditioning(self, logsnr: jax.Array, text: jax.Array, text_mask: jax.Array,
-                      aug_logsnr: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    def _conditioning(
+        self, logsnr: jax.Array, text: jax.Array, text_mask: jax.Array, aug_logsnr: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # Text: LayerNorm (T5 outputs are unnormalised and large), project, zero the padding.
         tokens = layers.layer_norm(name="text_norm", param_dtype=self.param_dtype)(text)
@@ -92,10 +93,12 @@ class UNet(nn.Module):
             feats = layers.sinusoidal_embedding(
                 value, self.cond_dim, min_period=self.logsnr_min_period, max_period=self.logsnr_max_period
             )
-            h = layers.dense(self.cond_dim, name=f"{name}_mlp1", in_axis=axes.EMBED, out_axis=axes.MLP, **kw)(feats)
-            return layers.dense(self.cond_dim, name=f"{name}_mlp2", in_axis=axes.MLP, out_axis=axes.EMBED, **kw)(
-                nn.silu(h)
+            h = layers.dense(self.cond_dim, name=f"{name}_mlp1", in_axis=axes.EMBED, out_axis=axes.MLP, **kw)(
+                feats
             )
+            return layers.dense(
+                self.cond_dim, name=f"{name}_mlp2", in_axis=axes.MLP, out_axis=axes.EMBED, **kw
+            )(nn.silu(h))
 
         cond = noise_embedding(logsnr, "time")
         if self.lowres_cond:
@@ -104,14 +107,28 @@ class UNet(nn.Module):
         pooled = layers.AttentionPool(heads, head_dim, self._learned_null(), name="text_pool", **kw)(
             tokens, text_mask
         )
-        cond = cond + layers.dense(self.cond_dim, name="pooled_proj", in_axis=axes.MLP, out_axis=axes.EMBED,
-                                   **kw)(nn.silu(pooled))
+        cond = cond + layers.dense(
+            self.cond_dim, name="pooled_proj", in_axis=axes.MLP, out_axis=axes.EMBED, **kw
+        )(nn.silu(pooled))
         return cond, tokens
 
-    def _level_block(self, h: jax.Array, cond: jax.Array, tokens: jax.Array, text_mask: jax.Array, *,
-                     width: int, self_attn: bool, cross_attn: bool, name: str, train: bool) -> jax.Array:
+    def _level_block(
+        self,
+        h: jax.Array,
+        cond: jax.Array,
+        tokens: jax.Array,
+        text_mask: jax.Array,
+        *,
+        width: int,
+        self_attn: bool,
+        cross_attn: bool,
+        name: str,
+        train: bool,
+    ) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.ResBlock(width, self.norm_groups, self.dropout, name=f"{name}_res", **kw)(h, cond, train=train)
+        h = layers.ResBlock(width, self.norm_groups, self.dropout, name=f"{name}_res", **kw)(
+            h, cond, train=train
+        )
         heads, head_dim = self._heads(width)
         if self_attn:
             h = layers.SelfAttention(heads, head_dim, self.norm_groups, name=f"{name}_attn", **kw)(h)
@@ -159,12 +176,23 @@ class UNet(nn.Module):
         p = self.patch_size
         if p > 1:
             b, hh, ww, c = x.shape
-            x = x.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh // p, ww // p, -1)
+            x = (
+                x.reshape(b, hh // p, p, ww // p, p, c)
+                .transpose(0, 1, 3, 2, 4, 5)
+                .reshape(b, hh // p, ww // p, -1)
+            )
         h = layers.conv(widths[0], name="conv_in", **kw)(x.astype(self.dtype))
 
         block = lambda h, level, name: self._level_block(  # noqa: E731
-            h, cond, tokens, text_mask, width=widths[level], self_attn=self_attn[level],
-            cross_attn=cross_attn[level], name=name, train=train,
+            h,
+            cond,
+            tokens,
+            text_mask,
+            width=widths[level],
+            self_attn=self_attn[level],
+            cross_attn=cross_attn[level],
+            name=name,
+            train=train,
         )
         skips = []
         # Down path.
@@ -185,7 +213,9 @@ class UNet(nn.Module):
 
         # Middle: always attends (lowest resolution is cheap).
         h = block(h, levels - 1, "mid_0")
-        h = layers.ResBlock(widths[-1], self.norm_groups, self.dropout, name="mid_1_res", **kw)(h, cond, train=train)
+        h = layers.ResBlock(widths[-1], self.norm_groups, self.dropout, name="mid_1_res", **kw)(
+            h, cond, train=train
+        )
 
         # Up path.
         for level in reversed(range(levels)):
@@ -202,7 +232,9 @@ class UNet(nn.Module):
                 if level > 0:
                     h = layers.Upsample(widths[level], name=f"up{level}_sample", **kw)(h)
 
-        h = nn.silu(layers.group_norm(self.norm_groups, h.shape[-1], name="norm_out", param_dtype=self.param_dtype)(h))
+        h = nn.silu(
+            layers.group_norm(self.norm_groups, h.shape[-1], name="norm_out", param_dtype=self.param_dtype)(h)
+        )
         out = layers.conv(self.out_channels * p * p, name="conv_out", zero=True, **kw)(h.astype(self.dtype))
         if p > 1:
             b, hh, ww, _ = out.shape

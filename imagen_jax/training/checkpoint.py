@@ -1,9 +1,10 @@
 """Orbax checkpoints of one cascade stage: the train state plus the config (JSON) it was trained with.
 
 Layout: `<workdir>/checkpoints/<step>/{state,config,data}`; `data` is the input pipeline's iterator
-position, so a resumed run continues the exact example stream instead of replaying or skipping data. Restoring places every array directly with the
-target sharding (any mesh), and a checkpoint that does not match the model fails with one message that
-names the directory and the differing config keys instead of a deep Orbax/XLA traceback.
+position, so a resumed run continues the exact example stream instead of replaying or skipping data.
+Restoring places every array directly with the target sharding (any mesh), and a checkpoint that does not
+match the model fails with one message that names the directory and the differing config keys instead
+of a deep Orbax/XLA traceback.
 """
 
 from __future__ import annotations
@@ -27,16 +28,22 @@ def config_to_json_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(workdir, "checkpoints")
+    # Orbax needs absolute paths; URLs (gs://...) are absolute already.
+    base = workdir if "://" in workdir else os.path.abspath(workdir)
+    return os.path.join(base, "checkpoints")
 
 
 def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "config", "data"))
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_names=("state", "config", "data")
+    )
 
 
 def save(
-    manager: ocp.CheckpointManager, state: TrainState, config: ml_collections.ConfigDict,
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    config: ml_collections.ConfigDict,
     data_state: bytes | None = None,
 ) -> None:
     """Saves asynchronously (training continues while the files are written)."""
@@ -61,7 +68,8 @@ def read_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
-            f"no checkpoints in {directory!r}: train first (python train.py --config ... --workdir {workdir})."
+            f"no checkpoints in {directory!r}: train first "
+            f"(python train.py --config ... --workdir {workdir})."
         )
     manager = make_manager(workdir, keep=1_000_000, create=False)
     step = manager.latest_step() if step is None else step
@@ -104,6 +112,7 @@ def restore(
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(
             f"checkpoint {manager.directory}/{step} does not match the model ({type(err).__name__}: "
-            f"{str(err)[:500]}). Train a new run in a fresh --workdir or restore with the checkpoint's config."
+            f"{str(err)[:500]}). Train a new run in a fresh --workdir or restore with the checkpoint's "
+            "config."
         ) from err
     return restored["state"]

@@ -26,7 +26,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= d.caption_dropout < 1.0:
         raise ValueError(f"config.diffusion.caption_dropout={d.caption_dropout} must be in [0, 1).")
     if d.logsnr_min >= d.logsnr_max:
-        raise ValueError(f"config.diffusion.logsnr_min ({d.logsnr_min}) must be < logsnr_max ({d.logsnr_max}).")
+        raise ValueError(
+            f"config.diffusion.logsnr_min ({d.logsnr_min}) must be < logsnr_max ({d.logsnr_max})."
+        )
     _choice(o.name, ("adamw", "adafactor"), "optim.name")
     _choice(o.decay, ("cosine", "constant"), "optim.decay")
     _positive(o.learning_rate, "optim.learning_rate")

@@ -21,6 +21,7 @@ from imagen_jax.cascade.images import save_grid
 from imagen_jax.data.pipeline import make_loader
 from imagen_jax.data.sources import build_source
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.text.embedding_cache import EmbeddingCache
 from imagen_jax.training import checkpoint
 from imagen_jax.training.config_checks import validate_config
 from imagen_jax.training.progress import MetricWriter, Progress
@@ -45,6 +46,49 @@ def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules) 
     return out
 
 
+class _CachedText:
+    """Loader tokenize_fn that returns precomputed T5 embeddings instead of token ids."""
+
+    def __init__(self, cache: EmbeddingCache):
+        self.cache = cache
+
+    def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:
+        emb, mask = self.cache.lookup(captions)
+        return {"text_emb": emb, "text_mask": mask}
+
+
+def _text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object, stage: stage_lib.Stage):
+    """Token ids for the step to encode, or (config.text.embedding_cache) cached embeddings."""
+    if not config.text.embedding_cache:
+        return stage.text.tokenizer
+    if config.text.train_jointly:
+        raise ValueError(
+            "config.text.embedding_cache needs a frozen encoder: set config.text.train_jointly=False."
+        )
+    path = config.text.embedding_cache_dir or os.path.join(workdir, "text_cache")
+    if not os.path.isdir(path):
+        log.info("building the T5 embedding cache for %d captions in %s", len(source), path)
+        captions = (_caption(source[i]) for i in range(len(source)))
+        EmbeddingCache.build(
+            captions,
+            stage.text,
+            path,
+            mesh=stage.mesh,
+            rules=config.axis_rules,
+            batch_size=config.train.batch_size,
+            dtype=config.text.embedding_cache_dtype,
+            encoder_name=config.text.encoder,
+        )
+    cache = EmbeddingCache.open(path)
+    cache.check(embed_dim=stage.text.embed_dim, encoder=config.text.encoder)
+    return _CachedText(cache)
+
+
+def _caption(record: dict) -> str:
+    caption = record["caption"]
+    return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+
+
 def _sample_grid(stage: stage_lib.Stage, state: TrainState, prompts: list[str], path: str, seed: int) -> None:
     ema_stage = stage_lib.Stage(stage.config, stage.unet, stage.text, stage.mesh, params=state.ema_params)
     images = stage_lib.generate(ema_stage, prompts, rng=jax.random.PRNGKey(seed))
@@ -64,8 +108,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     optimizer = make_optimizer(config.optim, tc.num_steps)
     source = build_source(config.data, workdir, "train")
     loader = make_loader(
-        source, batch_size=tc.batch_size, seed=config.data.seed, tokenize_fn=stage.text.tokenizer,
-        worker_count=config.data.worker_count, prefetch=config.data.prefetch * tc.batch_size,
+        source,
+        batch_size=tc.batch_size,
+        seed=config.data.seed,
+        tokenize_fn=_text_inputs(config, workdir, source, stage),
+        worker_count=config.data.worker_count,
+        prefetch=config.data.prefetch * tc.batch_size,
     )
 
     manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
@@ -117,44 +165,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
         last_checked = upto
 
-    while step < tc.num_steps:
-        state, metrics = compiled(state, batch, frozen)
-        nonfinite = nonfinite + metrics["nonfinite"]
-        pending.append(metrics)
-        step += 1
-        if step == start_step + 1:
-            jax.block_until_ready(state.step)
-            progress.start(step)
-        out_of_time = budget > 0 and time.perf_counter() - started > budget
-        done = step >= tc.num_steps or out_of_time
-        if step % tc.log_every == 0 or done:
-            check_finite(step)
-            fetched = jax.device_get(pending)
-            pending = []
-            means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
-            means["learning_rate"] = float(fetched[-1]["learning_rate"])
-            rates = progress.update(step)
-            writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
-                                  **{f"perf/{k}": v for k, v in rates.items()}})
-            log.info(progress.line(step, means, rates))
-        if step % tc.checkpoint_every == 0 or done:
-            with progress.paused():
+    # Whatever stops the loop (done, time budget, non-finite loss, preemption), checkpoints already
+    # started are finished before returning or raising: a save is never lost half-written.
+    try:
+        while step < tc.num_steps:
+            state, metrics = compiled(state, batch, frozen)
+            nonfinite = nonfinite + metrics["nonfinite"]
+            pending.append(metrics)
+            step += 1
+            if step == start_step + 1:
+                jax.block_until_ready(state.step)
+                progress.start(step)
+            out_of_time = budget > 0 and time.perf_counter() - started > budget
+            done = step >= tc.num_steps or out_of_time
+            if step % tc.log_every == 0 or done:
                 check_finite(step)
-                # The iterator has yielded exactly `step` batches: the next one feeds step + 1.
-                checkpoint.save(manager, state, config, it.get_state())
-        if tc.sample_every and (step % tc.sample_every == 0 or done):
-            with progress.paused():
-                _sample_grid(stage, state, list(tc.sample_prompts),
-                             os.path.join(workdir, "samples", f"step_{step:07d}.png"), config.seed)
-        if out_of_time:
-            log.info("time budget of %.1f min reached at step %d", tc.time_budget_minutes, step)
-            break
-        if step < tc.num_steps:
-            batch = _global_batch(next(it), mesh, config.axis_rules)
-    manager.wait_until_finished()
-    writer.scalars(step, {"perf/train_seconds": progress.train_seconds,
-                          "perf/wall_seconds": time.perf_counter() - started})
-    writer.close()
-    log.info("finished at step %d (%.1f s wall, %.1f s in steps)", step, time.perf_counter() - started,
-             progress.train_seconds)
+                fetched = jax.device_get(pending)
+                pending = []
+                means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
+                means["learning_rate"] = float(fetched[-1]["learning_rate"])
+                rates = progress.update(step)
+                writer.scalars(
+                    step,
+                    {
+                        **{f"train/{k}": v for k, v in means.items()},
+                        **{f"perf/{k}": v for k, v in rates.items()},
+                    },
+                )
+                log.info(progress.line(step, means, rates))
+            if step % tc.checkpoint_every == 0 or done:
+                with progress.paused():
+                    check_finite(step)
+                    # The iterator has yielded exactly `step` batches: the next one feeds step + 1.
+                    checkpoint.save(manager, state, config, it.get_state())
+            if tc.sample_every and (step % tc.sample_every == 0 or done):
+                with progress.paused():
+                    _sample_grid(
+                        stage,
+                        state,
+                        list(tc.sample_prompts),
+                        os.path.join(workdir, "samples", f"step_{step:07d}.png"),
+                        config.seed,
+                    )
+            if out_of_time:
+                log.info("time budget of %.1f min reached at step %d", tc.time_budget_minutes, step)
+                break
+            if step < tc.num_steps:
+                batch = _global_batch(next(it), mesh, config.axis_rules)
+        writer.scalars(
+            step,
+            {
+                "perf/train_seconds": progress.train_seconds,
+                "perf/wall_seconds": time.perf_counter() - started,
+            },
+        )
+    finally:
+        manager.wait_until_finished()
+        writer.close()
+    log.info(
+        "finished at step %d (%.1f s wall, %.1f s in steps)",
+        step,
+        time.perf_counter() - started,
+        progress.train_seconds,
+    )
     return state

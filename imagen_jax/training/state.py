@@ -31,7 +31,10 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
     lr, warmup = optim.learning_rate, optim.warmup_steps
     if optim.decay == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, lr, warmup_steps=max(warmup, 1), decay_steps=max(num_steps, warmup + 1),
+            0.0,
+            lr,
+            warmup_steps=max(warmup, 1),
+            decay_steps=max(num_steps, warmup + 1),
             end_value=lr * optim.end_lr_factor,
         )
     if optim.decay == "constant":

@@ -30,16 +30,16 @@ def schedule_from_config(diffusion: ml_collections.ConfigDict) -> schedules.Sche
     )
 
 
-def text_embeddings(
-    text_module: T5Encoder, text_params: Any, batch: Batch
-) -> tuple[jax.Array, jax.Array]:
+def text_embeddings(text_module: T5Encoder, text_params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Text embeddings and mask for a batch: precomputed (`text_emb`, from an embedding cache) or encoded."""
     if "text_emb" in batch:
         return batch["text_emb"].astype(jnp.float32), batch["text_mask"]
     return encode_tokens(text_module, text_params, batch["text_ids"], batch["text_mask"]), batch["text_mask"]
 
 
-def drop_captions(emb: jax.Array, mask: jax.Array, rng: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
+def drop_captions(
+    emb: jax.Array, mask: jax.Array, rng: jax.Array, rate: float
+) -> tuple[jax.Array, jax.Array]:
     """Classifier-free guidance training: a dropped caption becomes the null text (mask all False, zero
     embedding), exactly what an empty prompt gives at sampling time."""
     keep = jax.random.bernoulli(rng, 1.0 - rate, (mask.shape[0],))
@@ -74,7 +74,12 @@ def make_train_step(
             {"params": params["unet"]}, z, logsnr, emb, mask, train=True, rngs={"dropout": k_dropout}
         )
         losses = objectives.diffusion_loss(
-            pred, x, eps, logsnr, objective=diff.objective, weighting=diff.loss_weighting,
+            pred,
+            x,
+            eps,
+            logsnr,
+            objective=diff.objective,
+            weighting=diff.loss_weighting,
             min_snr_gamma=diff.min_snr_gamma,
         )
         return jnp.mean(losses)
@@ -88,7 +93,7 @@ def make_train_step(
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": lr_fn(state.step),
             "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32),
         }

@@ -1,0 +1,217 @@
+"""Training: mesh invariance, learning, exact kill-and-resume, non-finite stop, clear config errors."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs.shapes import get_config
+from imagen_jax.cascade import stage as stage_lib
+from imagen_jax.data.shapes import make_example
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.training import checkpoint, loop
+from imagen_jax.training.config_checks import validate_config
+from imagen_jax.training.state import make_optimizer
+from imagen_jax.training.step import make_train_step
+
+
+def tiny_config(**train):
+    config = get_config("tiny")
+    config.train.update(train)
+    return config
+
+
+def _batch(stage, size=16, res=32, seed=0):
+    examples = [make_example(seed, "train", i, res) for i in range(size)]
+    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    tokens = stage.text.tokenizer([e["caption"] for e in examples])
+    return {"image": images, **tokens}
+
+
+def _run_steps(config, mesh, num_steps):
+    stage = stage_lib.build_stage(config, mesh)
+    optimizer = make_optimizer(config.optim, config.train.num_steps)
+    state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+    host_batch = _batch(stage)
+    batch = {
+        k: jax.device_put(v, mesh_lib.batch_sharding(mesh, config.axis_rules, v.ndim))
+        for k, v in host_batch.items()
+    }
+    step = jax.jit(
+        make_train_step(config, stage.unet, stage.text.module, optimizer),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = step(state, batch, {})
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_eight_device_mesh_matches_single_device():
+    assert jax.device_count() == 8
+    config = tiny_config()
+    mesh8 = mesh_lib.make_mesh([("data", -1)])
+    mesh1 = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
+    state8, losses8 = _run_steps(config, mesh8, 3)
+    state1, losses1 = _run_steps(config, mesh1, 3)
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-5)
+    leaf8 = jax.tree.leaves(state8.params)[0]
+    assert leaf8.sharding.mesh.devices.size == 8
+    for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_loss_drops_when_training_a_tiny_model():
+    config = tiny_config(num_steps=40)
+    config.optim.learning_rate = 3e-3
+    config.optim.warmup_steps = 5
+    _, losses = _run_steps(config, mesh_lib.make_mesh([("data", -1)]), 40)
+    # Zero-initialised output layers start at the weighted target variance (~0.31); 40 steps fit well below.
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def _params_of_last_checkpoint(workdir, config):
+    stage = stage_lib.build_stage(config)
+    structs, _ = stage_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
+    manager = checkpoint.make_manager(workdir, keep=5, create=False)
+    return checkpoint.restore(manager, structs, config)
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch):
+    config = tiny_config(num_steps=6, checkpoint_every=3)
+    config.data.data_dir = str(tmp_path / "data")
+
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    # Preempt right after the step-3 checkpoint is written, then restart the same command.
+    real_save = checkpoint.save
+
+    def save_then_die(manager, state, cfg, data_state=None):
+        real_save(manager, state, cfg, data_state)
+        manager.wait_until_finished()
+        raise Preempted()
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Preempted):
+        loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert checkpoint.make_manager(str(tmp_path / "resumed"), keep=5).latest_step() == 3
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+    assert int(resumed.step) == int(straight.step) == 6
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    restored = _params_of_last_checkpoint(str(tmp_path / "resumed"), config)
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(straight.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert os.listdir(tmp_path / "straight" / "tensorboard")
+
+
+def test_non_finite_loss_stops_without_writing_a_poisoned_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(num_steps=6, checkpoint_every=2, log_every=2)
+    config.data.data_dir = str(tmp_path / "data")
+    real_global_batch = loop._global_batch
+    calls = {"n": 0}
+
+    def poisoned(local, mesh, rules):
+        calls["n"] += 1
+        if calls["n"] >= 3:  # the batch of step 3 onward carries a NaN pixel
+            local = dict(
+                local,
+                image=np.where(
+                    np.arange(local["image"].size).reshape(local["image"].shape) == 0, np.nan, local["image"]
+                ).astype(np.float32),
+            )
+        return real_global_batch(local, mesh, rules)
+
+    monkeypatch.setattr(loop, "_global_batch", poisoned)
+    with pytest.raises(loop.NonFiniteLossError, match="non-finite loss between steps 2 and 4"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    steps = checkpoint.make_manager(str(tmp_path / "run"), keep=5).all_steps()
+    assert list(steps) == [2]
+
+
+def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
+    config = tiny_config(batch_size=12)
+    with pytest.raises(ValueError, match="batch size 12 does not divide over the 8 devices"):
+        loop.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("diffusion.objective", "score", "diffusion.objective='score' is not one of"),
+        ("sample.sampler", "euler", "sample.sampler='euler' is not one of"),
+        ("optim.name", "sgd", "optim.name='sgd' is not one of"),
+        ("data.resolution", 30, "not divisible by model.patch_size"),
+    ],
+)
+def test_bad_config_values_are_named(key, value, message):
+    config = tiny_config()
+    section, field = key.split(".")
+    config[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        validate_config(config)
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path):
+    config = tiny_config(num_steps=2, checkpoint_every=2)
+    config.data.data_dir = str(tmp_path / "data")
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    other = tiny_config()
+    other.model.channels = 24
+    with pytest.raises(
+        ValueError, match=r"different architecture:\n  model.channels: checkpoint 16 vs config 24"
+    ):
+        stage_lib.load_stage(str(tmp_path / "run"), config=other)
+
+
+def test_train_then_sample_end_to_end(tmp_path):
+    from imagen_jax.cascade.sampling_cli import sample_to_grid
+
+    config = tiny_config(num_steps=2, checkpoint_every=2)
+    config.data.data_dir = str(tmp_path / "data")
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    png, txt = sample_to_grid(
+        str(tmp_path / "run"),
+        prompts=["a red circle", ""],
+        prompts_file=None,
+        num=2,
+        out=str(tmp_path / "grid.png"),
+        num_steps=2,
+        guidance=3.0,
+    )
+    from PIL import Image
+
+    grid = np.asarray(Image.open(png))
+    assert grid.ndim == 3 and grid.shape[2] == 3
+    assert open(txt).read().splitlines() == ["0\ta red circle", "1\ta red circle", "2\t", "3\t"]
+    with pytest.raises(ValueError, match="no prompts"):
+        sample_to_grid(
+            str(tmp_path / "run"), prompts=[], prompts_file=None, num=2, out=str(tmp_path / "x.png")
+        )
+    with pytest.raises(FileNotFoundError, match="train first"):
+        stage_lib.load_stage(str(tmp_path / "missing"))
+
+
+def test_training_from_the_embedding_cache_matches_encoding_on_the_fly(tmp_path):
+    losses = {}
+    for cached in (False, True):
+        config = tiny_config(num_steps=2, checkpoint_every=2, log_every=1)
+        config.data.data_dir = str(tmp_path / "data")
+        config.text.train_jointly = False
+        config.text.embedding_cache = cached
+        config.text.embedding_cache_dtype = "float32"
+        workdir = tmp_path / f"run_{cached}"
+        state = loop.train_and_evaluate(config, str(workdir))
+        losses[cached] = jax.tree.leaves(state.params)
+    assert (tmp_path / "run_True" / "text_cache" / "meta.json").exists()
+    for a, b in zip(losses[False], losses[True], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
