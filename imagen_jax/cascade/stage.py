@@ -66,46 +66,46 @@ def _dummy_inputs(stage: Stage, batch: int = 1) -> tuple[jax.Array, ...]:
     )
 
 
-def init_train_state(
-    stage: Stage, optimizer: optax.GradientTransformation, rng: jax.Array
-) -> tuple[TrainState, Any]:
-    """A fresh train state created directly with its shardings, and those shardings (for jit / restore).
-
-    Shapes and logical axes come from `jax.eval_shape` on the boxed init (optax keeps the boxes, so the
-    optimizer moments get the same names as their parameters); no unsharded copy is ever built.
-    """
+def _state_factory(stage: Stage, optimizer: optax.GradientTransformation, rng: jax.Array) -> Any:
+    """`make(text_params) -> TrainState` with boxed (logically annotated) U-Net parameters."""
     init_rng, state_rng = jax.random.split(rng)
-    joint = stage.config.text.train_jointly
-    ids = jnp.zeros((1, stage.text.max_length), jnp.int32)
 
-    def boxed_state(text_params: Any) -> TrainState:
+    def make(text_params: Any) -> TrainState:
         params = {"unet": stage.unet.init(init_rng, *_dummy_inputs(stage))["params"]}
-        if joint:
+        if stage.config.text.train_jointly:
             params["text"] = text_params
         return create_train_state(params, optimizer, state_rng)
 
-    text_abstract = stage.text.module.init(jax.random.PRNGKey(0), ids, ids > 0)["params"] if joint else None
-    abstract = jax.eval_shape(boxed_state, jax.eval_shape(lambda: text_abstract) if joint else None)
-    shardings = mesh_lib.tree_shardings(abstract, stage.mesh, stage.config.axis_rules)
-    state = jax.jit(lambda tp: nn.unbox(boxed_state(tp)), out_shardings=shardings)(
-        stage.text.params if joint else None
-    )
+    return make
+
+
+def _state_shardings(stage: Stage, make: Any) -> tuple[Any, Any]:
+    """(abstract boxed state, shardings) from shapes alone: nothing is computed or allocated.
+
+    optax keeps the logical boxes, so the optimizer moments get the same names as their parameters.
+    """
+    text = None
+    if stage.config.text.train_jointly:
+        ids = jnp.zeros((1, stage.text.max_length), jnp.int32)
+        text = jax.eval_shape(lambda: stage.text.module.init(jax.random.PRNGKey(0), ids, ids > 0)["params"])
+    abstract = jax.eval_shape(make, text)
+    return abstract, mesh_lib.tree_shardings(abstract, stage.mesh, stage.config.axis_rules)
+
+
+def init_train_state(
+    stage: Stage, optimizer: optax.GradientTransformation, rng: jax.Array
+) -> tuple[TrainState, Any]:
+    """A fresh train state created directly with its shardings (no unsharded copy), and those shardings."""
+    make = _state_factory(stage, optimizer, rng)
+    _, shardings = _state_shardings(stage, make)
+    text_params = stage.text.params if stage.config.text.train_jointly else None
+    state = jax.jit(lambda tp: nn.unbox(make(tp)), out_shardings=shardings)(text_params)
     return state, shardings
 
 
 def abstract_train_state(stage: Stage, optimizer: optax.GradientTransformation) -> tuple[Any, Any]:
     """ShapeDtypeStructs (with shardings) of the train state, for restoring without initialising."""
-    joint = stage.config.text.train_jointly
-    ids = jnp.zeros((1, stage.text.max_length), jnp.int32)
-
-    def boxed_state() -> TrainState:
-        params = {"unet": stage.unet.init(jax.random.PRNGKey(0), *_dummy_inputs(stage))["params"]}
-        if joint:
-            params["text"] = stage.text.module.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]
-        return create_train_state(params, optimizer, jax.random.PRNGKey(0))
-
-    abstract = jax.eval_shape(boxed_state)
-    shardings = mesh_lib.tree_shardings(abstract, stage.mesh, stage.config.axis_rules)
+    abstract, shardings = _state_shardings(stage, _state_factory(stage, optimizer, jax.random.PRNGKey(0)))
     structs = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract), shardings
     )

@@ -24,6 +24,7 @@ sharding that dimension over a mesh axis whose size divides num_heads splits on 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -126,9 +127,7 @@ def _partitioned_normal(stddev: float, names: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
-def relative_position_buckets(
-    query_len: int, key_len: int, num_buckets: int, max_distance: int
-) -> jax.Array:
+def relative_position_buckets(query_len: int, key_len: int, num_buckets: int, max_distance: int) -> jax.Array:
     """Bidirectional T5 buckets [query_len, key_len]: half the buckets per direction, exact up to
     num_buckets/4 positions, then logarithmic up to max_distance (everything further shares the last)."""
     rel = jnp.arange(key_len)[None, :] - jnp.arange(query_len)[:, None]  # key - query
@@ -185,6 +184,20 @@ class RelativePositionBias(nn.Module):
         return jnp.transpose(bias, (2, 0, 1))[None]
 
 
+def _dense(
+    name: str, features: int, stddev: float, names: tuple[str, str], *, dtype: Any, param_dtype: Any
+) -> nn.Dense:
+    """A bias-free dense layer with T5's scaled-normal init and logical axis names."""
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_partitioned_normal(stddev, names),
+        name=name,
+    )
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention without logit scaling; `bias` holds position bias + key mask."""
 
@@ -197,15 +210,7 @@ class SelfAttention(nn.Module):
         cfg = self.config
         batch, length, _ = x.shape
 
-        def dense(name: str, features: int, stddev: float, names: tuple[str, str]) -> nn.Dense:
-            return nn.Dense(
-                features,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=_partitioned_normal(stddev, names),
-                name=name,
-            )
+        dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype)
 
         in_axes, out_axes = (axes.EMBED, axes.HEADS), (axes.HEADS, axes.EMBED)
         # T5's init folds the missing 1/sqrt(d_kv) into q.
@@ -231,15 +236,7 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
 
-        def dense(name: str, features: int, stddev: float, names: tuple[str, str]) -> nn.Dense:
-            return nn.Dense(
-                features,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=_partitioned_normal(stddev, names),
-                name=name,
-            )
+        dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype)
 
         up = (axes.EMBED, axes.MLP)
         if cfg.feed_forward == "gated-gelu":
