@@ -19,7 +19,8 @@ TokenizeFn = Callable[[list[str]], Mapping[str, np.ndarray]]
 _TEXT_KEYS = ("caption", "scene")
 
 
-def _as_str(x: object) -> str:
+def as_str(x: object) -> str:
+    """TFDS Text features come back as bytes; folder sources give str."""
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
@@ -44,7 +45,7 @@ class _CollateBatch:
             if key in image_keys:
                 continue
             if key in _TEXT_KEYS:
-                out[key] = np.array([_as_str(r[key]) for r in records], dtype=object)
+                out[key] = np.array([as_str(r[key]) for r in records], dtype=object)
             else:
                 out[key] = np.stack([np.asarray(r[key]) for r in records])
         if self.tokenize_fn is not None:

@@ -7,6 +7,7 @@ The same code runs on 1 CPU, 8 fake CPU devices or a pod slice: only the mesh di
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ import numpy as np
 
 from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.cascade.images import save_grid
-from imagen_jax.data.pipeline import make_loader
+from imagen_jax.data.pipeline import as_str, make_loader
 from imagen_jax.data.sources import build_source
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text.embedding_cache import EmbeddingCache
@@ -68,7 +69,7 @@ def _text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object
     path = config.text.embedding_cache_dir or os.path.join(workdir, "text_cache")
     if not os.path.isdir(path):
         log.info("building the T5 embedding cache for %d captions in %s", len(source), path)
-        captions = (_caption(source[i]) for i in range(len(source)))
+        captions = (as_str(source[i]["caption"]) for i in range(len(source)))
         EmbeddingCache.build(
             captions,
             stage.text,
@@ -84,13 +85,8 @@ def _text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object
     return _CachedText(cache)
 
 
-def _caption(record: dict) -> str:
-    caption = record["caption"]
-    return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-
-
 def _sample_grid(stage: stage_lib.Stage, state: TrainState, prompts: list[str], path: str, seed: int) -> None:
-    ema_stage = stage_lib.Stage(stage.config, stage.unet, stage.text, stage.mesh, params=state.ema_params)
+    ema_stage = dataclasses.replace(stage, params=state.ema_params)
     images = stage_lib.generate(ema_stage, prompts, rng=jax.random.PRNGKey(seed))
     save_grid(images, prompts, path, columns=min(len(prompts), 8), upscale=2)
 
