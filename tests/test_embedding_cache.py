@@ -55,6 +55,13 @@ def test_bfloat16_cache_and_short_length(text_encoder, tmp_path):
     np.testing.assert_array_equal(mask, np.asarray(ref_mask)[:, :8])
     np.testing.assert_allclose(emb, np.asarray(ref)[:, :8], atol=2e-2, rtol=1e-2)
     assert cache.lookup(["sushi"])[0].dtype.name == "bfloat16"
+    # Padded to the tokenizer's max length, it is exactly what encoding gives (the U-Net's text shape).
+    emb, mask = cache.lookup(["sushi", "a corgi"], dtype=np.float32, length=24)
+    assert emb.shape == (2, 24, 32)
+    np.testing.assert_array_equal(mask, np.asarray(ref_mask))
+    np.testing.assert_allclose(emb, np.asarray(ref), atol=2e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="shorter than the cached captions"):
+        cache.lookup(["sushi"], length=4)
 
 
 def test_sharded_build_matches(text_encoder, cache, tmp_path):

@@ -78,15 +78,16 @@ def pool(width, heads, hd, learned):
     return width + (width if learned else 0) + 3 * width * heads * hd + heads * hd * width + width
 
 
-@pytest.mark.parametrize("null_text", ["zero", "learned"])
-def test_parameter_count_matches_hand_count(null_text):
-    model = UNet(**SMALL, null_text=null_text)
+@pytest.mark.parametrize("null_text,text_positions", [("zero", False), ("learned", False), ("zero", True)])
+def test_parameter_count_matches_hand_count(null_text, text_positions):
+    model = UNet(**SMALL, null_text=null_text, text_positions=text_positions)
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), *_inputs())["params"]))
     learned = null_text == "learned"
     c0, c1, cond, td = 8, 16, 16, 16
     expected = (
         norm(TEXT_D)
         + dense(TEXT_D, td)  # text LayerNorm + projection
+        + (5 * td if text_positions else 0)  # one learned position per text token (length 5)
         + dense(cond, cond) * 2  # noise-level MLP
         + pool(td, 2, 8, learned)
         + dense(td, cond)  # attention pooling + its projection
@@ -145,8 +146,9 @@ def test_output_shape_and_finite_gradients(variant):
     assert sum(bool(jnp.any(g != 0)) for g in leaves) == len(leaves), "some parameters get no gradient"
 
 
-def test_unconditional_rows_ignore_text_and_padding_is_ignored():
-    model = UNet(**SMALL)
+@pytest.mark.parametrize("text_positions", [False, True])
+def test_unconditional_rows_ignore_text_and_padding_is_ignored(text_positions):
+    model = UNet(**SMALL, text_positions=text_positions)
     z, logsnr, text, mask = _inputs()
     params = nn.unbox(model.init(jax.random.PRNGKey(1), z, logsnr, text, mask)["params"])
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
@@ -158,6 +160,19 @@ def test_unconditional_rows_ignore_text_and_padding_is_ignored():
     noisy = jnp.where(mask[..., None], text, 100.0)
     np.testing.assert_allclose(apply(text, mask), apply(noisy, mask), atol=1e-5)
     assert not np.allclose(apply(text, mask), apply(text, null), atol=1e-4)
+
+
+def test_word_order_reaches_the_unet_only_through_text_positions():
+    z, logsnr, text, _ = _inputs()
+    mask = jnp.ones(text.shape[:2], bool)
+    reversed_text = text[:, ::-1]
+    for text_positions in (False, True):
+        model = UNet(**SMALL, text_positions=text_positions)
+        params = nn.unbox(model.init(jax.random.PRNGKey(1), z, logsnr, text, mask)["params"])
+        params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
+        out, out_rev = (model.apply({"params": params}, z, logsnr, t, mask) for t in (text, reversed_text))
+        # Attention over tokens is permutation invariant; learned positions make order visible.
+        assert np.allclose(out, out_rev, atol=1e-5) != text_positions
 
 
 def test_parameters_carry_logical_axis_names():

@@ -34,8 +34,10 @@ def evaluate_shapes(
     num_steps: int | None = None,
 ) -> dict[str, dict]:
     """Scores `num_captions` held-out (test split) captions at each guidance weight."""
-    data = stage.config.data
-    pairs = eval_set(num_captions, seed=data.seed, split="test", p_two=data.two_object_prob)
+    # The test mix is the eval config's, not the training mix: reweighting training data must not move
+    # the test set.
+    p_two = stage.config.eval.get("two_object_prob", 0.5)  # configs saved before the key: 0.5
+    pairs = eval_set(num_captions, seed=stage.config.data.seed, split="test", p_two=p_two)
     captions = [caption for caption, _ in pairs]
     scenes = [scene for _, scene in pairs]
     results = {}

@@ -53,6 +53,10 @@ class UNet(nn.Module):
     num_heads: int = 0  # 0: derive as channels // head_dim per level
     cond_dim: int = 256
     text_dim: int = 256  # width text tokens are projected to before cross-attention / pooling
+    # Learned absolute positions added to the projected text tokens: cross-attention is order-blind, so
+    # word order ("red ... left of ... blue") reaches the U-Net only through the encoder; a weak (small,
+    # frozen) encoder needs this to bind words to objects. Off for pretrained T5, as in the paper.
+    text_positions: bool = False
     norm_groups: int = 32
     dropout: float = 0.0
     null_text: str = "zero"  # unconditional text: "zero" embedding (paper) or a "learned" null token
@@ -87,7 +91,15 @@ class UNet(nn.Module):
         tokens = layers.dense(self.text_dim, name="text_proj", in_axis=axes.EMBED, out_axis=axes.MLP, **kw)(
             tokens.astype(self.dtype)
         )
-        tokens = tokens * text_mask[..., None].astype(tokens.dtype)
+        if self.text_positions:
+            positions = self.param(
+                "text_positions",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (axes.LENGTH, axes.MLP)),
+                (tokens.shape[1], self.text_dim),
+                self.param_dtype,
+            )
+            tokens = tokens + positions[None].astype(tokens.dtype)
+        tokens = tokens * text_mask[..., None].astype(tokens.dtype)  # padding and the null text stay zero
 
         def noise_embedding(value: jax.Array, name: str) -> jax.Array:
             feats = layers.sinusoidal_embedding(

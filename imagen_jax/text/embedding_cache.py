@@ -112,15 +112,21 @@ class EmbeddingCache:
             self._reader_pid = os.getpid()
         return self._reader.read(indices)
 
-    def lookup(self, captions: Sequence[str], dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """(emb [B, length, D] in the cache dtype (or `dtype`), mask bool [B, length]) for the captions."""
+    def lookup(
+        self, captions: Sequence[str], dtype: Any = None, length: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(emb [B, L, D] in the cache dtype (or `dtype`), mask bool [B, L]) for the captions; L is the
+        cache's `length`, or `length` (>= it) to pad to the tokenizer's max length as encoding would."""
+        length = self.length if length is None else length
+        if length < self.length:
+            raise ValueError(f"length={length} is shorter than the cached captions ({self.length} tokens).")
         if isinstance(captions, str):
             raise TypeError("captions must be a sequence of strings, got a single str; wrap it in a list.")
         captions = list(captions)
         if not captions:
             raise ValueError("captions is empty.")
-        emb = np.zeros((len(captions), self.length, self.embed_dim), self.dtype)
-        mask = np.zeros((len(captions), self.length), np.bool_)
+        emb = np.zeros((len(captions), length, self.embed_dim), self.dtype)
+        mask = np.zeros((len(captions), length), np.bool_)
         rows, indices, missing = [], [], []
         for b, caption in enumerate(captions):
             if not isinstance(caption, str):

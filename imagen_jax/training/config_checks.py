@@ -42,6 +42,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _positive(t[key], f"train.{key}")
     _positive(t.sample_every, "train.sample_every", allow_zero=True)
     _positive(t.time_budget_minutes, "train.time_budget_minutes", allow_zero=True)
+    for key, section in (("data", config.data), ("eval", config.get("eval", {}))):
+        p_two = section.get("two_object_prob", 0.0)
+        if not 0.0 <= p_two <= 1.0:
+            raise ValueError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
     res, patch = config.data.resolution, config.model.patch_size
     factor = patch * 2 ** (len(config.model.channel_mults) - 1)
     if res % factor:

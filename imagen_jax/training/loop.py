@@ -11,11 +11,13 @@ import dataclasses
 import logging
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.cascade.images import save_grid
@@ -50,15 +52,18 @@ def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules) 
 class _CachedText:
     """Loader tokenize_fn that returns precomputed T5 embeddings instead of token ids."""
 
-    def __init__(self, cache: EmbeddingCache):
+    def __init__(self, cache: EmbeddingCache, length: int):
         self.cache = cache
+        self.length = length
 
     def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:
-        emb, mask = self.cache.lookup(captions)
+        # Padded to the tokenizer's max length: the same text shape as encoding on the fly, which the
+        # U-Net's parameters (text positions) and the sampler see.
+        emb, mask = self.cache.lookup(captions, length=self.length)
         return {"text_emb": emb, "text_mask": mask}
 
 
-def _text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object, stage: stage_lib.Stage):
+def text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object, stage: stage_lib.Stage):
     """Token ids for the step to encode, or (config.text.embedding_cache) cached embeddings."""
     if not config.text.embedding_cache:
         return stage.text.tokenizer
@@ -82,13 +87,35 @@ def _text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object
         )
     cache = EmbeddingCache.open(path)
     cache.check(embed_dim=stage.text.embed_dim, encoder=config.text.encoder)
-    return _CachedText(cache)
+    return _CachedText(cache, stage.text.max_length)
 
 
 def _sample_grid(stage: stage_lib.Stage, state: TrainState, prompts: list[str], path: str, seed: int) -> None:
     ema_stage = dataclasses.replace(stage, params=state.ema_params)
     images = stage_lib.generate(ema_stage, prompts, rng=jax.random.PRNGKey(seed))
     save_grid(images, prompts, path, columns=min(len(prompts), 8), upscale=2)
+
+
+def compile_train_step(
+    config: ml_collections.ConfigDict,
+    stage: stage_lib.Stage,
+    optimizer: optax.GradientTransformation,
+    shardings: Any,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    frozen: Any,
+) -> tuple[Any, float]:
+    """The train step jitted with explicit shardings and a donated state, compiled ahead of time for
+    these exact inputs (a shape change fails loudly instead of recompiling); also the compile seconds."""
+    step_fn = jax.jit(
+        make_train_step(config, stage.unet, stage.text.module, optimizer),
+        in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch, frozen).compile()
+    return compiled, time.perf_counter() - t0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -107,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         source,
         batch_size=tc.batch_size,
         seed=config.data.seed,
-        tokenize_fn=_text_inputs(config, workdir, source, stage),
+        tokenize_fn=text_inputs(config, workdir, source, stage),
         worker_count=config.data.worker_count,
         prefetch=config.data.prefetch * tc.batch_size,
     )
@@ -132,15 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
         it.set_state(data_state)
     batch = _global_batch(next(it), mesh, config.axis_rules)
-    step_fn = jax.jit(
-        make_train_step(config, stage.unet, stage.text.module, optimizer),
-        in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, None),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, frozen).compile()
-    log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+    compiled, seconds = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
+    log.info("compiled the train step in %.1f s", seconds)
 
     writer = MetricWriter(os.path.join(workdir, "tensorboard"))
     progress = Progress(total_steps=tc.num_steps, batch_size=tc.batch_size, first_step=start_step)

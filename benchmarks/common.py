@@ -1,0 +1,165 @@
+"""Shared pieces of the benchmark scripts: machine description, timing, memory, FLOPs/MFU, output.
+
+Every script prints a table and writes JSON holding the machine, the versions, the config and the numbers,
+so a result can be reproduced (or challenged) from the file alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Dense peak FLOP/s per chip for MFU (bf16 unless the name says otherwise), from the vendors' data sheets.
+# Matched against `device.device_kind` by substring, longest key first.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # Trillium
+    "A100": 312e12,
+    "H100": 989e12,  # SXM dense bf16
+    "H200": 989e12,
+}
+
+
+def peak_flops(device: Any) -> float | None:
+    """The device's dense bf16 peak, or None (CPUs: only achieved FLOP/s is reported)."""
+    kind = getattr(device, "device_kind", "")
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key.lower() in kind.lower():
+            return PEAK_FLOPS[key]
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import flax
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def median_seconds(fn: Callable[[], Any], *, iters: int, warmup: int = 2) -> tuple[float, list[float]]:
+    """Median wall seconds of `fn()` (which must block until its result is ready) over `iters` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def host_peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_memory(device: Any) -> dict[str, Any]:
+    """Device peak bytes where the backend reports them (GPU/TPU), else the host's peak RSS (CPU)."""
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats raise various errors
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return {"peak_bytes": int(stats["peak_bytes_in_use"]), "kind": "device"}
+    return {"peak_bytes": host_peak_rss_bytes(), "kind": "host_rss"}
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled jax function, from XLA's cost analysis (None if unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(cost, Sequence) and not isinstance(cost, dict):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def utilisation(flops_per_second: float | None, device: Any, num_devices: int) -> float | None:
+    peak = peak_flops(device)
+    if peak is None or flops_per_second is None:
+        return None
+    return flops_per_second / (peak * num_devices)
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+
+
+def config_name(config_flag: Any) -> str:
+    """'bench_tiny' for `--config configs/bench_tiny.py[:variant]` (names the result files)."""
+    from ml_collections import config_flags
+
+    return pathlib.Path(config_flags.get_config_filename(config_flag)).stem
+
+
+def save_result(kind: str, config_flag: Any, payload: dict[str, Any], path: str | None = None) -> None:
+    """Writes `payload` with the machine and the config to `path` (default results/<kind>_<config>.json)."""
+    config = config_flag.value
+    default = RESULTS / f"{kind}_{config_name(config_flag)}_{config.model.dtype}.json"
+    write_json(
+        path or default,
+        {"benchmark": kind, "machine": machine_info(), "config": config.to_dict(), **payload},
+    )

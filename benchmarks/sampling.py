@@ -1,0 +1,95 @@
+r"""Sampling throughput per sampler: first-call (compile) time, denoising steps/s x batch, images/s.
+
+    python benchmarks/sampling.py --config configs/bench_tiny.py
+    python benchmarks/sampling.py --config configs/bench_small.py --steps 25 --guidance 3
+
+Times `cascade.stage.generate`, the call `sample.py` makes (tokenize, T5, the whole sampling loop in one
+compiled program, uint8 images back on the host), with freshly initialised weights. The first call
+compiles; "compile_seconds" is that call minus the steady-state median. Guidance > 1 runs conditional and
+unconditional passes as one doubled batch per denoising step, so a "denoising step" below always means one
+step of the whole guided batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import common  # noqa: F401  (puts the project root on sys.path)
+import jax
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from imagen_jax.cascade import stage as stage_lib
+from imagen_jax.diffusion import samplers
+
+FLAGS = flags.FLAGS
+
+
+PROMPTS = ("a large red circle", "a small blue square to the left of a green triangle", "")
+
+
+def benchmark(config, sampler_names, steps: int, guidance: float, batch: int, iters: int) -> list[dict]:
+    stage = stage_lib.build_stage(config)
+    state, _ = stage_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(config.seed))
+    stage = dataclasses.replace(stage, params=state.ema_params)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    rows = []
+    for name in sampler_names:
+        opts = dict(guidance=guidance, sampler=name, num_steps=steps, rng=jax.random.PRNGKey(0))
+        run = functools.partial(stage_lib.generate, stage, prompts, **opts)
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        call_s, _ = common.median_seconds(run, iters=iters, warmup=0)
+        rows.append(
+            {
+                "sampler": name,
+                "steps": steps,
+                "guidance": guidance,
+                "batch": batch,
+                "compile_seconds": max(first - call_s, 0.0),
+                "seconds_per_call": call_s,
+                "denoising_steps_per_second": steps / call_s,
+                "step_images_per_second": steps * batch / call_s,
+                "images_per_second": batch / call_s,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = FLAGS.config
+    batch = FLAGS.batch or config.train.batch_size
+    rows = benchmark(config, FLAGS.samplers, FLAGS.steps, FLAGS.guidance, batch, FLAGS.iters)
+    common.print_table(
+        rows,
+        [
+            "sampler",
+            "steps",
+            "guidance",
+            "batch",
+            "compile_seconds",
+            "denoising_steps_per_second",
+            "step_images_per_second",
+            "images_per_second",
+        ],
+    )
+    common.save_result(
+        "sampling", FLAGS["config"], {**common.peak_memory(jax.devices()[0]), "results": rows}, FLAGS.json
+    )
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Stage config (file.py[:variant]).", lock_config=True)
+    flags.DEFINE_list("samplers", list(samplers.SAMPLERS), "Samplers to time.")
+    flags.DEFINE_integer("steps", 25, "Denoising steps per image.")
+    flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance weight (1 = off).")
+    flags.DEFINE_integer("batch", 0, "Images per call (0 = config.train.batch_size).")
+    flags.DEFINE_integer("iters", 3, "Timed calls per sampler.")
+    flags.DEFINE_string("json", None, "Output JSON (default benchmarks/results/sampling_<config>.json).")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,129 @@
+r"""Training throughput of one cascade stage: compile time, steady-state images/s, FLOPs, MFU, memory.
+
+    python benchmarks/train_step.py --config configs/bench_tiny.py
+    python benchmarks/train_step.py --config configs/bench_small.py --config.model.dtype=bfloat16
+    python benchmarks/train_step.py --config configs/shapes.py --text ids     # demo: T5 trained jointly
+
+Runs the exact step `train.py` runs (`training.loop.compile_train_step`: jit with explicit shardings,
+donated state, AOT compile) on synthetic inputs, so the input pipeline is out of the measurement
+(`benchmarks/input_pipeline.py` measures it separately). Text comes in as random T5-width embeddings, as
+from the embedding cache (`--text embeddings`, the default for frozen encoders), or as token ids that the
+step encodes (`--text ids`, needed when the encoder trains jointly). Images/s is the median over
+`--iters` timed steps after `--warmup` steps. FLOPs per image come from XLA's cost analysis of the
+compiled step (forward + backward + optimizer); MFU = achieved FLOP/s / the device's peak (accelerators
+only; CPUs report FLOP/s).
+"""
+
+from __future__ import annotations
+
+import common  # noqa: F401  (puts the project root on sys.path)
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from imagen_jax.cascade import stage as stage_lib
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.training.loop import compile_train_step
+from imagen_jax.training.state import make_optimizer
+
+FLAGS = flags.FLAGS
+
+
+def synthetic_batch(config, stage: stage_lib.Stage, text: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host batch shaped like the input pipeline's: images in [-1, 1] and text of random lengths."""
+    rng = np.random.default_rng(seed)
+    b, res, length = config.train.batch_size, config.data.resolution, stage.text.max_length
+    lengths = rng.integers(length // 2, length + 1, size=b)
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    batch = {"image": rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32), "text_mask": mask}
+    if text == "ids":
+        batch["text_ids"] = np.where(mask, rng.integers(3, 259, (b, length)), 0).astype(np.int32)
+    else:
+        emb = rng.standard_normal((b, length, stage.text.embed_dim), dtype=np.float32)
+        batch["text_emb"] = emb * mask[..., None]
+    return batch
+
+
+def benchmark(config, text: str, iters: int, warmup: int, profile_dir: str | None = None) -> dict:
+    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch_divisible(config.train.batch_size, mesh, config.axis_rules)
+    stage = stage_lib.build_stage(config, mesh)
+    optimizer = make_optimizer(config.optim, config.train.num_steps)
+    state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+    if text == "auto":
+        text = "ids" if config.text.train_jointly else "embeddings"
+    host = synthetic_batch(config, stage, text)
+    rules = config.axis_rules
+    batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, rules, v.ndim)) for k, v in host.items()}
+    frozen = {} if config.text.train_jointly or text == "embeddings" else {"text": stage.text.params}
+    compiled, compile_s = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
+    flops = common.compiled_flops(compiled)
+
+    holder = {"state": state}
+
+    def one_step() -> None:
+        holder["state"], metrics = compiled(holder["state"], batch, frozen)
+        jax.block_until_ready(metrics["loss"])
+
+    step_s, times = common.median_seconds(one_step, iters=iters, warmup=warmup)
+    if profile_dir:  # a few more steps under the profiler (TensorBoard's profile tab / Perfetto)
+        with jax.profiler.trace(profile_dir):
+            for _ in range(3):
+                one_step()
+    b = config.train.batch_size
+    unet_params = sum(x.size for x in jax.tree.leaves(holder["state"].params["unet"]))
+    text_params = sum(x.size for x in jax.tree.leaves(holder["state"].params.get("text", {})))
+    device = jax.devices()[0]
+    achieved = flops / step_s if flops else None
+    return {
+        "text_input": text,
+        "batch_size": b,
+        "resolution": config.data.resolution,
+        "dtype": config.model.dtype,
+        "unet_params": int(unet_params),
+        "jointly_trained_text_params": int(text_params),
+        "compile_seconds": compile_s,
+        "step_seconds_median": step_s,
+        "step_seconds_min": min(times),
+        "images_per_second": b / step_s,
+        "flops_per_image": flops / b if flops else None,
+        "flops_per_second": achieved,
+        "mfu": common.utilisation(achieved, device, jax.device_count()),
+        **common.peak_memory(device),
+    }
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = FLAGS.config
+    result = benchmark(config, FLAGS.text, FLAGS.iters, FLAGS.warmup, FLAGS.profile_dir)
+    common.print_table(
+        [result],
+        [
+            "batch_size",
+            "dtype",
+            "text_input",
+            "unet_params",
+            "compile_seconds",
+            "images_per_second",
+            "flops_per_image",
+            "flops_per_second",
+            "mfu",
+            "peak_bytes",
+        ],
+    )
+    common.save_result("train", FLAGS["config"], result, FLAGS.json)
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Stage config (file.py[:variant]).", lock_config=True)
+    flags.DEFINE_enum(
+        "text", "auto", ["auto", "ids", "embeddings"], "Text input; auto: ids iff trained jointly."
+    )
+    flags.DEFINE_integer("iters", 20, "Timed steps.")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+    flags.DEFINE_string("json", None, "Output JSON (default benchmarks/results/train_<config>_<dtype>.json).")
+    flags.DEFINE_string("profile_dir", None, "Also write a jax.profiler trace of 3 steps here.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,105 @@
+"""Benchmark scripts stay runnable: their measuring functions on the tiny config (speed is not asserted
+here; targets live in benchmarks/ and README), the MFU peak table, and the imagen-pytorch spec mapping."""
+
+import dataclasses
+import pathlib
+import sys
+
+import jax
+import optax
+import pytest
+
+from configs import bench_small, bench_tiny
+from configs.shapes import get_config
+from imagen_jax.cascade import stage as stage_lib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import common  # noqa: E402
+import sampling  # noqa: E402
+import train_step  # noqa: E402
+import vs_imagen_pytorch  # noqa: E402
+
+
+def test_train_step_benchmark_reports_flops_and_rate():
+    config = get_config("tiny")
+    config.text.train_jointly = False
+    result = train_step.benchmark(config, "embeddings", iters=2, warmup=1)
+    assert result["images_per_second"] > 0
+    # XLA's count for forward + backward + AdamW must exceed 3x the forward's U-Net parameter MACs.
+    assert result["flops_per_image"] > 2 * 3 * result["unet_params"]
+    assert result["mfu"] is None  # CPU: FLOP/s only
+    assert result["peak_bytes"] > 0
+
+
+def test_train_step_benchmark_with_joint_text_encoder():
+    result = train_step.benchmark(get_config("tiny"), "auto", iters=1, warmup=1)
+    assert result["text_input"] == "ids"
+    assert result["jointly_trained_text_params"] > 0
+
+
+def test_sampling_benchmark_rows():
+    rows = sampling.benchmark(get_config("tiny"), ["ddim"], steps=2, guidance=2.0, batch=8, iters=1)
+    (row,) = rows
+    assert row["sampler"] == "ddim" and row["batch"] == 8
+    assert row["step_images_per_second"] == pytest.approx(row["denoising_steps_per_second"] * 8)
+
+
+class _Device:
+    def __init__(self, kind):
+        self.device_kind = kind
+
+
+def test_peak_flops_table():
+    assert common.peak_flops(_Device("NVIDIA H100 80GB HBM3")) == 989e12
+    assert common.peak_flops(_Device("TPU v5 lite")) == 197e12
+    assert common.peak_flops(_Device("TPU v5p")) == 459e12
+    assert common.peak_flops(_Device("cpu")) is None
+    assert common.utilisation(494.5e12, _Device("H100"), 1) == pytest.approx(0.5)
+    assert common.utilisation(1e12, jax.devices()[0], 1) is None
+
+
+def test_bench_configs_match_the_issue():
+    tiny, small = bench_tiny.get_config(), bench_small.get_config()
+    for config, width in ((tiny, 32), (small, 64)):
+        m = config.model
+        assert m.channels == width and tuple(m.channel_mults) == (1, 2, 4) and m.num_res_blocks == 2
+        assert tuple(m.self_attention) == tuple(m.cross_attention) == (False, False, True)
+        assert config.data.resolution == 32 and config.train.batch_size == 32
+        assert config.text.max_length == 16 and config.text.t5.d_model == 128
+
+
+def test_imagen_pytorch_spec_mirrors_the_config():
+    spec = vs_imagen_pytorch.torch_spec(
+        bench_small.get_config(),
+        2,
+        train_iters=1,
+        sample_steps=25,
+        sample_batch=0,
+        sample_iters=1,
+        guidance=3,
+    )
+    assert spec["dim"] == 64 and spec["dim_mults"] == [1, 2, 4] and spec["num_res_blocks"] == 2
+    assert spec["self_attention"] == spec["cross_attention"] == [False, False, True]
+    assert spec["heads"] * spec["head_dim"] == 256  # the lowest level's width
+    assert (spec["text_len"], spec["text_dim"], spec["image_size"], spec["batch"]) == (16, 128, 32, 32)
+    assert spec["sample_batch"] == 32 and spec["threads"] == 2
+
+
+def test_sampling_compiles_once_per_shape_sampler_and_steps():
+    config = get_config("tiny")
+    stage = stage_lib.build_stage(config)
+    state, _ = stage_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(0))
+    stage = dataclasses.replace(stage, params=state.ema_params)
+    prompts = ["a red circle", ""]
+
+    def run(**kw):
+        opts = dict(rng=jax.random.PRNGKey(1), sampler="ddim", num_steps=2, guidance=1.0) | kw
+        return stage_lib.generate(stage, prompts, **opts)
+
+    run()
+    compiled = stage_lib._sample._cache_size()
+    run(guidance=3.0, eta=0.5, rng=jax.random.PRNGKey(2))  # traced arguments: no new program
+    assert stage_lib._sample._cache_size() == compiled
+    run(num_steps=3)  # a new loop length is a new program
+    assert stage_lib._sample._cache_size() == compiled + 1
