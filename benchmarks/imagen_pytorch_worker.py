@@ -50,7 +50,6 @@ def run(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    levels = len(spec["dim_mults"])
     unet = Unet(
         dim=spec["dim"],
         dim_mults=tuple(spec["dim_mults"]),
@@ -64,7 +63,6 @@ def run(spec: dict) -> dict:
         cond_dim=spec["cond_dim"],
         memory_efficient=False,
     )
-    assert len(unet.downs) == levels
 
     def imagen(timesteps: int) -> Imagen:
         return Imagen(

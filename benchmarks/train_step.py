@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.training.loop import compile_train_step
+from imagen_jax.training.loop import compile_train_step, frozen_inputs, global_batch
 from imagen_jax.training.state import make_optimizer
 
 FLAGS = flags.FLAGS
@@ -54,9 +54,8 @@ def benchmark(config, text: str, iters: int, warmup: int, profile_dir: str | Non
     if text == "auto":
         text = "ids" if config.text.train_jointly else "embeddings"
     host = synthetic_batch(config, stage, text)
-    rules = config.axis_rules
-    batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, rules, v.ndim)) for k, v in host.items()}
-    frozen = {} if config.text.train_jointly or text == "embeddings" else {"text": stage.text.params}
+    batch = global_batch(host, mesh, config.axis_rules)
+    frozen = frozen_inputs(config, stage)
     compiled, compile_s = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
     flops = common.compiled_flops(compiled)
 

@@ -117,7 +117,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_without_writing_a_poisoned_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(num_steps=6, checkpoint_every=2, log_every=2)
     config.data.data_dir = str(tmp_path / "data")
-    real_global_batch = loop._global_batch
+    real_global_batch = loop.global_batch
     calls = {"n": 0}
 
     def poisoned(local, mesh, rules):
@@ -131,7 +131,7 @@ def test_non_finite_loss_stops_without_writing_a_poisoned_checkpoint(tmp_path, m
             )
         return real_global_batch(local, mesh, rules)
 
-    monkeypatch.setattr(loop, "_global_batch", poisoned)
+    monkeypatch.setattr(loop, "global_batch", poisoned)
     with pytest.raises(loop.NonFiniteLossError, match="non-finite loss between steps 2 and 4"):
         loop.train_and_evaluate(config, str(tmp_path / "run"))
     steps = checkpoint.make_manager(str(tmp_path / "run"), keep=5).all_steps()

@@ -38,7 +38,7 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Array]:
+def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Array]:
     """Host-local numpy batch -> global arrays sharded over the batch mesh axes (multi-host ready)."""
     out = {}
     for key, value in local.items():
@@ -47,6 +47,11 @@ def _global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules) 
         sharding = mesh_lib.batch_sharding(mesh, rules, value.ndim)
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def frozen_inputs(config: ml_collections.ConfigDict, stage: stage_lib.Stage) -> dict[str, Any]:
+    """Weights the step reads but never trains (a frozen text encoder), passed as a step argument."""
+    return {} if config.text.train_jointly else {"text": stage.text.params}
 
 
 class _CachedText:
@@ -148,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
     start_step = int(jax.device_get(state.step))
 
-    frozen = {} if config.text.train_jointly else {"text": stage.text.params}
+    frozen = frozen_inputs(config, stage)
     it = iter(loader)
     if start_step:
         data_state = checkpoint.restore_data_state(manager, start_step)
@@ -158,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 "it cannot be resumed exactly. Start a new --workdir."
             )
         it.set_state(data_state)
-    batch = _global_batch(next(it), mesh, config.axis_rules)
+    batch = global_batch(next(it), mesh, config.axis_rules)
     compiled, seconds = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
     log.info("compiled the train step in %.1f s", seconds)
 
@@ -227,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 log.info("time budget of %.1f min reached at step %d", tc.time_budget_minutes, step)
                 break
             if step < tc.num_steps:
-                batch = _global_batch(next(it), mesh, config.axis_rules)
+                batch = global_batch(next(it), mesh, config.axis_rules)
         writer.scalars(
             step,
             {
