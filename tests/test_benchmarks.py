@@ -98,8 +98,9 @@ def test_sampling_compiles_once_per_shape_sampler_and_steps():
         return stage_lib.generate(stage, prompts, **opts)
 
     run()
-    compiled = stage_lib._sample._cache_size()
+    program = stage_lib.sample_program(config)
+    compiled = program._cache_size()
     run(guidance=3.0, eta=0.5, rng=jax.random.PRNGKey(2))  # traced arguments: no new program
-    assert stage_lib._sample._cache_size() == compiled
+    assert program._cache_size() == compiled
     run(num_steps=3)  # a new loop length is a new program
-    assert stage_lib._sample._cache_size() == compiled + 1
+    assert program._cache_size() == compiled + 1

@@ -152,6 +152,7 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         ("optim.name", "sgd", "optim.name='sgd' is not one of"),
         ("data.resolution", 30, "not divisible by model.patch_size"),
         ("eval.two_object_prob", 1.5, "eval.two_object_prob=1.5 must be a probability"),
+        ("xla_options.cpu", "fast_math", "xla_options.cpu: 'fast_math' is not an XLA option"),
     ],
 )
 def test_bad_config_values_are_named(key, value, message):

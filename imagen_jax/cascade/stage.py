@@ -24,6 +24,7 @@ from imagen_jax.cascade.images import to_uint8
 from imagen_jax.diffusion import samplers
 from imagen_jax.models.unet import UNet, unet_from_config
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel import xla_options
 from imagen_jax.text.encoder import TextEncoder, build_text_encoder, encode_tokens
 from imagen_jax.training import checkpoint
 from imagen_jax.training.state import TrainState, create_train_state, make_optimizer
@@ -129,21 +130,32 @@ def load_stage(
     return dataclasses.replace(stage, params=state.ema_params if use_ema else state.params)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "unet",
-        "text_module",
-        "schedule",
-        "objective",
-        "sampler",
-        "num_steps",
-        "threshold",
-        "percentile",
-        "time_grid",
-        "shape",
-    ),
+_SAMPLE_STATIC = (
+    "unet",
+    "text_module",
+    "schedule",
+    "objective",
+    "sampler",
+    "num_steps",
+    "threshold",
+    "percentile",
+    "time_grid",
+    "shape",
 )
+
+
+@functools.cache
+def _jitted_sample(options: tuple[tuple[str, xla_options.OptionValue], ...]) -> Any:
+    return jax.jit(_sample, static_argnames=_SAMPLE_STATIC, compiler_options=dict(options))
+
+
+def sample_program(config: ml_collections.ConfigDict) -> Any:
+    """The jitted sampling loop with `config`'s XLA options; one jitted function (and program cache) per
+    distinct set of options, so stages that share options share compiled programs."""
+    options = xla_options.compiler_options(config.get("xla_options"))
+    return _jitted_sample(tuple(sorted(options.items())))
+
+
 def _sample(
     unet_params: Any,
     text_params: Any,
@@ -230,12 +242,13 @@ def generate(
     res = stage.config.data.resolution
     batch_sharding = mesh_lib.batch_sharding(stage.mesh, stage.config.axis_rules, 2)
     schedule = schedule_from_config(stage.config.diffusion)
+    sample_fn = sample_program(stage.config)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         tokens = stage.text.tokenizer(chunk + [""] * (batch_size - len(chunk)))
         ids, mask = (jax.device_put(tokens[k], batch_sharding) for k in ("text_ids", "text_mask"))
-        images = _sample(
+        images = sample_fn(
             stage.params["unet"],
             stage.text_params,
             ids,

@@ -6,6 +6,7 @@ import ml_collections
 
 from imagen_jax.diffusion import objectives, samplers, schedules
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
+from imagen_jax.parallel import xla_options
 
 
 def _choice(value: object, allowed: tuple, key: str) -> None:
@@ -46,6 +47,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         p_two = section.get("two_object_prob", 0.0)
         if not 0.0 <= p_two <= 1.0:
             raise ValueError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
+    for backend, spec in config.get("xla_options", {}).items():
+        xla_options.parse_options(spec, key=f"xla_options.{backend}")
+    xla_options.check_model_dtype(config.get("xla_options"), config.model.dtype)
     res, patch = config.data.resolution, config.model.patch_size
     factor = patch * 2 ** (len(config.model.channel_mults) - 1)
     if res % factor:

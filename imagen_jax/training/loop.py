@@ -24,6 +24,7 @@ from imagen_jax.cascade.images import save_grid
 from imagen_jax.data.pipeline import as_str, make_loader
 from imagen_jax.data.sources import build_source
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel import xla_options
 from imagen_jax.text.embedding_cache import EmbeddingCache
 from imagen_jax.training import checkpoint
 from imagen_jax.training.config_checks import validate_config
@@ -117,6 +118,7 @@ def compile_train_step(
         in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, None),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
+        compiler_options=xla_options.compiler_options(config.get("xla_options")),
     )
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, frozen).compile()

@@ -1,0 +1,88 @@
+"""Per-backend XLA compiler options from the config: parsing, clear errors, and that the train step and the
+sampler are compiled with them."""
+
+import jax
+import ml_collections
+import optax
+import pytest
+
+from configs.shapes import get_config
+from imagen_jax.cascade import stage as stage_lib
+from imagen_jax.parallel import xla_options
+from imagen_jax.training import loop
+from imagen_jax.training.config_checks import validate_config
+
+
+def test_pairs_are_typed_as_xla_expects():
+    spec = "xla_a=true xla_b=False xla_c=512 xla_d=0.5 xla_e=LIBRARY_FUSION_TYPE_DOT,X xla_f="
+    assert xla_options.parse_options(spec) == {
+        "xla_a": True,
+        "xla_b": False,
+        "xla_c": 512,
+        "xla_d": 0.5,
+        "xla_e": "LIBRARY_FUSION_TYPE_DOT,X",
+        "xla_f": "",
+    }
+    assert xla_options.parse_options("  ") == {}
+
+
+@pytest.mark.parametrize("spec", ["fast_math=true", "xla_cpu_enable_fast_math", "XLA_A=1"])
+def test_malformed_pairs_name_the_config_key(spec):
+    config = get_config("tiny")
+    config.xla_options.gpu = spec
+    with pytest.raises(ValueError, match=r"config\.xla_options\.gpu: .* is not an XLA option"):
+        validate_config(config)
+
+
+def test_only_the_running_backends_options_apply():
+    options = ml_collections.ConfigDict(dict(cpu="xla_cpu_enable_fast_math=false", gpu="xla_gpu_x=1"))
+    assert jax.default_backend() == "cpu"
+    assert xla_options.compiler_options(options) == {"xla_cpu_enable_fast_math": False}
+    # Another backend's options are parsed but not tried here (this XLA build may not know them).
+    assert xla_options.compiler_options(options, backend="gpu") == {"xla_gpu_x": 1}
+    assert xla_options.compiler_options(None) == {}  # configs older than the knob
+
+
+def test_bf16_with_explicit_ynn_fusions_on_cpu_is_refused_not_a_compiler_crash():
+    config = get_config("tiny")
+    config.xla_options.cpu = "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+    config.model.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="crashes XLA's CPU compiler.*--config.xla_options.cpu=''"):
+        validate_config(config)
+    config.xla_options.cpu = ""
+    validate_config(config)
+    config.xla_options.cpu = "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+    config.model.dtype = "float32"
+    validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("xla_no_such_option=1", "No such compile option: 'xla_no_such_option'"),
+        ("xla_cpu_enable_fast_math=maybe", "not a valid bool value"),
+    ],
+)
+def test_options_xla_refuses_fail_before_the_real_compile(spec, message):
+    options = ml_collections.ConfigDict(dict(cpu=spec))
+    with pytest.raises(ValueError, match=rf"config\.xla_options\.cpu='{spec}': XLA refused .*{message}"):
+        xla_options.compiler_options(options)
+
+
+def test_train_step_and_sampler_are_compiled_with_the_configs_options():
+    config = get_config("tiny")
+    stage = stage_lib.build_stage(config)
+    optimizer = optax.sgd(0.1)
+    state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(0))
+    batch = {"image": jax.numpy.zeros((8, 32, 32, 3))}
+    config.xla_options.cpu = "xla_no_such_option=1"
+    with pytest.raises(ValueError, match="config.xla_options.cpu"):
+        loop.compile_train_step(config, stage, optimizer, shardings, state, batch, {})
+    with pytest.raises(ValueError, match="config.xla_options.cpu"):
+        stage_lib.sample_program(config)
+
+    # One jitted sampler (and compile cache) per distinct set of options.
+    a, b = get_config("tiny"), get_config("tiny")
+    assert stage_lib.sample_program(a) is stage_lib.sample_program(b)
+    b.xla_options.cpu = "xla_cpu_enable_fast_math=false"
+    assert stage_lib.sample_program(a) is not stage_lib.sample_program(b)
