@@ -106,10 +106,11 @@ def peak_memory(device: Any) -> dict[str, Any]:
     return {"peak_bytes": host_peak_rss_bytes(), "kind": "host_rss"}
 
 
-def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of one call of a compiled jax function, from XLA's cost analysis (None if unavailable)."""
+def cost_flops(program: Any) -> float | None:
+    """FLOPs of one call of a lowered or compiled jax function, from XLA's cost analysis (None if
+    unavailable)."""
     try:
-        cost = compiled.cost_analysis()
+        cost = program.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
         return None
     if isinstance(cost, Sequence) and not isinstance(cost, dict):

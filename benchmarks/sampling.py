@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.diffusion import samplers
+from imagen_jax.training.config_checks import validate_config
 
 FLAGS = flags.FLAGS
 
@@ -33,6 +34,7 @@ PROMPTS = ("a red circle", "a blue square", "")
 
 
 def benchmark(config, sampler_names, steps: int, guidance: float, batch: int, iters: int) -> list[dict]:
+    validate_config(config)
     stage = stage_lib.build_stage(config)
     state, _ = stage_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(config.seed))
     stage = dataclasses.replace(stage, params=state.ema_params)

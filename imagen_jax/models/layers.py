@@ -112,7 +112,7 @@ class ResBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.silu(group_norm(self.norm_groups, x.shape[-1], name="norm1", param_dtype=self.param_dtype)(x))
         h = conv(self.channels, name="conv1", **kw)(h.astype(self.dtype))
@@ -162,6 +162,7 @@ class SelfAttention(nn.Module):
     num_heads: int
     head_dim: int
     norm_groups: int
+    implementation: str = "xla"  # jax.nn.dot_product_attention's: "xla", or "cudnn" (fused, GPU, bf16)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -174,7 +175,7 @@ class SelfAttention(nn.Module):
         q = _heads_proj(self.num_heads, self.head_dim, name="query", **kw)(h)
         k = _heads_proj(self.num_heads, self.head_dim, name="key", **kw)(h)
         v = _heads_proj(self.num_heads, self.head_dim, name="value", **kw)(h)
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         out = _out_proj(c, name="out", **kw)(out)
         return (x + out.reshape(b, hh, ww, c)).astype(self.dtype)
 

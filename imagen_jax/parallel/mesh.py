@@ -76,16 +76,20 @@ def logical_sharding(
 def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] | None) -> Any:
     """Shardings for a tree that may hold `nn.LogicallyPartitioned` boxes (from `jax.eval_shape(init)`).
 
-    Unannotated leaves are replicated. The returned tree has the boxes removed (same structure as
-    `nn.unbox(tree)`), ready for `jax.jit(..., out_shardings=...)`.
+    Unannotated leaves are replicated, and so are boxes whose names do not fit their rank: optax passes a
+    parameter's box on to state derived from it, and Adafactor's factored moments (a parameter's row and
+    column statistics) have fewer dimensions than the names describe; they are small. The returned tree
+    has the boxes removed (same structure as `nn.unbox(tree)`), ready for `jax.jit(..., out_shardings=...)`.
     """
-    specs = nn.get_partition_spec(abstract_tree)
-    mesh_specs = nn.logical_to_mesh(specs, axis_rules(rules))
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec if spec is not None else PartitionSpec()),
-        mesh_specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None,
-    )
+
+    def sharding(leaf: Any) -> NamedSharding:
+        if isinstance(leaf, nn.Partitioned) and len(leaf.names) == len(leaf.value.shape):
+            if isinstance(leaf, nn.LogicallyPartitioned):
+                return logical_sharding(leaf.names, mesh, rules)
+            return NamedSharding(mesh, PartitionSpec(*leaf.names))  # names are already mesh axes
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[Sequence[Any]] | None, ndim: int) -> NamedSharding:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from imagen_jax.diffusion import objectives, samplers, schedules
@@ -50,9 +51,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for backend, spec in config.get("xla_options", {}).items():
         xla_options.parse_options(spec, key=f"xla_options.{backend}")
     xla_options.check_model_dtype(config.get("xla_options"), config.model.dtype)
+    _check_attention(config.model)
     res, patch = config.data.resolution, config.model.patch_size
     factor = patch * 2 ** (len(config.model.channel_mults) - 1)
     if res % factor:
         raise ValueError(
             f"config.data.resolution={res} is not divisible by model.patch_size * 2^(levels-1) = {factor}."
+        )
+
+
+def _check_attention(model: ml_collections.ConfigDict) -> None:
+    impl = model.get("attention_impl", "xla")  # configs from older checkpoints lack the key
+    _choice(impl, ("xla", "cudnn"), "model.attention_impl")
+    backend = jax.default_backend()
+    if impl == "cudnn" and (backend != "gpu" or model.dtype not in ("bfloat16", "float16")):
+        raise ValueError(
+            f"config.model.attention_impl='cudnn' needs an NVIDIA GPU and bf16/fp16 compute (here: "
+            f"{backend}, model.dtype={model.dtype!r}); use --config.model.attention_impl=xla."
         )

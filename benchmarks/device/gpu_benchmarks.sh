@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issue 5 as one command for a lent device machine (at most 9m45s of phase limits):
+#   bash benchmarks/device/gpu_benchmarks.sh            (the device call carries `.whl`: fetch_wheels.sh)
+# Writes each result's JSON and one log to $OUT (or benchmarks/results/gpu/ when OUT is unset; the device
+# tool brings back at most 8 files). Each phase has
+# its own time limit, so one that runs out of memory or time does not cost the others. Batch sizes:
+# BASE_BATCH (the ~2B base U-Net without remat, default 8) and REMAT_BATCH (with remat, default 32).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
+log="$out/phases.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
+python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections, grain, tensorflow_datasets;
+print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tee -a "$log" || exit 1
+
+run() {  # name, time limit (s), script and flags
+  local name="$1" limit="$2"
+  shift 2
+  timeout "$limit" python3 "$@" --json "$out/$name.json" > "/tmp/$name.log" 2>&1
+  local status=$?
+  { echo "== $name: exit $status"; grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -40; } >> "$log"
+  echo "== $name: exit $status"
+  grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -3
+}
+base="configs/imagen_base64.py:bench"
+run train_bench_small_bf16 75 benchmarks/train_step.py --config configs/bench_small.py \
+  --config.model.dtype=bfloat16
+run train_base64_bf16 150 benchmarks/train_step.py --config "$base" --iters 10 \
+  --config.train.batch_size="${BASE_BATCH:-8}"
+run train_base64_bf16_cudnn 150 benchmarks/train_step.py --config "$base" --iters 10 \
+  --config.train.batch_size="${BASE_BATCH:-8}" --config.model.attention_impl=cudnn
+run train_base64_bf16_remat 150 benchmarks/train_step.py --config "$base" --iters 10 \
+  --config.model.remat=True --config.train.batch_size="${REMAT_BATCH:-32}"
+run sampling_bench_small_bf16 60 benchmarks/sampling.py --config configs/bench_small.py \
+  --config.model.dtype=bfloat16 --samplers dpmpp2m --steps 25 --guidance 3
