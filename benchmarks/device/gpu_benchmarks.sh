@@ -4,7 +4,8 @@
 # Writes each result's JSON and one log to $OUT (or benchmarks/results/gpu/ when OUT is unset; the device
 # tool brings back at most 8 files). Each phase has
 # its own time limit, so one that runs out of memory or time does not cost the others. Batch sizes:
-# BASE_BATCH (the ~2B base U-Net without remat, default 8) and REMAT_BATCH (with remat, default 32).
+# BASE_BATCH (the ~2B base U-Net without remat; default 8, 16 on cards over 100 GB) and REMAT_BATCH (with
+# remat; default 32, or 64).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-benchmarks/results/gpu}"
@@ -30,13 +31,19 @@ run() {  # name, time limit (s), script and flags
   grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -3
 }
 base="configs/imagen_base64.py:bench"
-run train_bench_small_bf16 75 benchmarks/train_step.py --config configs/bench_small.py \
+# Default batches by the card's memory (an H200 has 141 GB, an H100 80 GB); override with the variables.
+mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+if [ "${mem_mib:-0}" -gt 100000 ]; then big=1; else big=0; fi
+base_batch="${BASE_BATCH:-$((big ? 16 : 8))}"
+remat_batch="${REMAT_BATCH:-$((big ? 64 : 32))}"
+# Quick phases first; the base U-Net's compiles (with cuDNN conv autotuning) get the most time.
+run train_bench_small_bf16 60 benchmarks/train_step.py --config configs/bench_small.py \
   --config.model.dtype=bfloat16
-run train_base64_bf16 150 benchmarks/train_step.py --config "$base" --iters 10 \
-  --config.train.batch_size="${BASE_BATCH:-8}"
-run train_base64_bf16_cudnn 150 benchmarks/train_step.py --config "$base" --iters 10 \
-  --config.train.batch_size="${BASE_BATCH:-8}" --config.model.attention_impl=cudnn
-run train_base64_bf16_remat 150 benchmarks/train_step.py --config "$base" --iters 10 \
-  --config.model.remat=True --config.train.batch_size="${REMAT_BATCH:-32}"
-run sampling_bench_small_bf16 60 benchmarks/sampling.py --config configs/bench_small.py \
+run sampling_bench_small_bf16 45 benchmarks/sampling.py --config configs/bench_small.py \
   --config.model.dtype=bfloat16 --samplers dpmpp2m --steps 25 --guidance 3
+run train_base64_bf16 210 benchmarks/train_step.py --config "$base" --iters 10 \
+  --config.train.batch_size="$base_batch"
+run train_base64_bf16_remat 180 benchmarks/train_step.py --config "$base" --iters 10 \
+  --config.model.remat=True --config.train.batch_size="$remat_batch"
+run train_base64_bf16_cudnn 90 benchmarks/train_step.py --config "$base" --iters 10 \
+  --config.train.batch_size="$base_batch" --config.model.attention_impl=cudnn
