@@ -156,10 +156,17 @@ def config_name(config_flag: Any) -> str:
     return pathlib.Path(config_flags.get_config_filename(config_flag)).stem
 
 
+def run_dtype(config: Any) -> str:
+    """The U-Net's compute dtype in this process ("auto" resolved for the backend)."""
+    from imagen_jax.models.unet import compute_dtype  # imported late: ROOT joins sys.path above
+
+    return compute_dtype(config.model.dtype)
+
+
 def save_result(kind: str, config_flag: Any, payload: dict[str, Any], path: str | None = None) -> None:
     """Writes `payload` with the machine and the config to `path` (default results/<kind>_<config>.json)."""
     config = config_flag.value
-    default = RESULTS / f"{kind}_{config_name(config_flag)}_{config.model.dtype}.json"
+    default = RESULTS / f"{kind}_{config_name(config_flag)}_{run_dtype(config)}.json"
     write_json(
         path or default,
         {"benchmark": kind, "machine": machine_info(), "config": config.to_dict(), **payload},

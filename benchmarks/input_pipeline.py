@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
     train_rate = FLAGS.train_images_per_second
     source = "--train_images_per_second"
     if not train_rate:
-        path = common.RESULTS / f"train_{name}_{config.model.dtype}.json"
+        path = common.RESULTS / f"train_{name}_{common.run_dtype(config)}.json"
         if path.exists():
             train_rate = json.loads(path.read_text())["images_per_second"]
             source = str(path.relative_to(common.ROOT))

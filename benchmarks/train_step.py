@@ -1,7 +1,7 @@
 r"""Training throughput of one cascade stage: compile time, steady-state images/s, FLOPs, MFU, memory.
 
     python benchmarks/train_step.py --config configs/bench_tiny.py
-    python benchmarks/train_step.py --config configs/bench_small.py --config.model.dtype=bfloat16  # GPU/TPU
+    python benchmarks/train_step.py --config configs/bench_small.py --config.model.dtype=float32  # GPU: bf16
     python benchmarks/train_step.py --config configs/shapes.py --text ids     # demo: T5 trained jointly
     python benchmarks/train_step.py --config configs/imagen_base64.py:bench --config.train.batch_size=32
     python benchmarks/train_step.py --config configs/imagen_base64.py:bench --compile_only  # any host
@@ -115,7 +115,7 @@ def benchmark(
         "text_input": text,
         "batch_size": b,
         "resolution": config.data.resolution,
-        "dtype": config.model.dtype,
+        "dtype": common.run_dtype(config),
         "remat": bool(config.model.get("remat")),
         "unet_params": int(sum(x.size for x in jax.tree.leaves(state.params["unet"]))),
         "jointly_trained_text_params": int(

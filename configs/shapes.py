@@ -109,7 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             lowres_cond=False,
             remat=False,  # recompute blocks in the backward pass (saves activation memory, costs FLOPs)
             attention_impl="xla",  # self-attention kernel; "cudnn" = fused flash attention (GPU, bf16)
-            dtype="float32",  # fastest on this CPU with xla_options.cpu (bf16 gains nothing); bf16 on TPU/GPU
+            # Compute dtype. "auto": float32 on CPU (fastest there with xla_options.cpu; bf16 gained
+            # nothing), bfloat16 on GPU/TPU. Master weights stay float32.
+            dtype="auto",
             param_dtype="float32",
         )
     )

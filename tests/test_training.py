@@ -169,6 +169,7 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         ("data.resolution", 30, "not divisible by model.patch_size"),
         ("eval.two_object_prob", 1.5, "eval.two_object_prob=1.5 must be a probability"),
         ("xla_options.cpu", "fast_math", "xla_options.cpu: 'fast_math' is not an XLA option"),
+        ("model.dtype", "bf16", "model.dtype='bf16' is not one of"),
         ("model.attention_impl", "flash", "model.attention_impl='flash' is not one of"),
         ("model.attention_impl", "cudnn", "attention_impl='cudnn' needs an NVIDIA GPU"),  # CPU tests
     ],

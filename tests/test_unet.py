@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax.models.unet import UNet
+from imagen_jax.models.unet import UNet, compute_dtype, unet_from_config
 
 TEXT_D = 12
 SMALL = dict(
@@ -227,3 +227,11 @@ def test_remat_keeps_parameters_outputs_and_gradients():
     ]
     regions = [len(re.findall(r"\b(?:remat\w*|checkpoint)\[", j)) for j in jaxprs]  # the name varies by jax
     assert regions[0] == 0 and regions[1] >= 3, regions
+
+
+def test_auto_compute_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators():
+    assert compute_dtype("auto", "cpu") == "float32"
+    assert compute_dtype("auto", "gpu") == compute_dtype("auto", "tpu") == "bfloat16"
+    assert compute_dtype("bfloat16", "cpu") == "bfloat16" and compute_dtype("float32", "gpu") == "float32"
+    unet = unet_from_config({**SMALL, "dtype": "auto", "param_dtype": "float32"})
+    assert unet.dtype == jnp.float32 and unet.param_dtype == jnp.float32  # the tests run on CPU

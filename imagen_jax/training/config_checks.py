@@ -7,6 +7,7 @@ import ml_collections
 
 from imagen_jax.diffusion import objectives, samplers, schedules
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
+from imagen_jax.models.unet import COMPUTE_DTYPES, compute_dtype
 from imagen_jax.parallel import xla_options
 
 
@@ -50,7 +51,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
     for backend, spec in config.get("xla_options", {}).items():
         xla_options.parse_options(spec, key=f"xla_options.{backend}")
-    xla_options.check_model_dtype(config.get("xla_options"), config.model.dtype)
+    _choice(config.model.dtype, COMPUTE_DTYPES, "model.dtype")
+    _choice(config.model.param_dtype, COMPUTE_DTYPES[1:], "model.param_dtype")
+    xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
     _check_attention(config.model)
     res, patch = config.data.resolution, config.model.patch_size
     factor = patch * 2 ** (len(config.model.channel_mults) - 1)
@@ -63,9 +66,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _check_attention(model: ml_collections.ConfigDict) -> None:
     impl = model.get("attention_impl", "xla")  # configs from older checkpoints lack the key
     _choice(impl, ("xla", "cudnn"), "model.attention_impl")
-    backend = jax.default_backend()
-    if impl == "cudnn" and (backend != "gpu" or model.dtype not in ("bfloat16", "float16")):
+    backend, dtype = jax.default_backend(), compute_dtype(model.dtype)
+    if impl == "cudnn" and (backend != "gpu" or dtype not in ("bfloat16", "float16")):
         raise ValueError(
             f"config.model.attention_impl='cudnn' needs an NVIDIA GPU and bf16/fp16 compute (here: "
-            f"{backend}, model.dtype={model.dtype!r}); use --config.model.attention_impl=xla."
+            f"{backend}, {dtype}); use --config.model.attention_impl=xla."
         )
