@@ -41,6 +41,14 @@ def _per_level(value: Any, num_levels: int, name: str) -> tuple:
     return value
 
 
+_PLAIN_BLOCKS = (layers.ResBlock, layers.SelfAttention, layers.CrossAttention)
+_REMAT_BLOCKS = (
+    nn.remat(layers.ResBlock, static_argnums=(3,)),  # `train` (self is argument 0) is a Python bool
+    nn.remat(layers.SelfAttention),
+    nn.remat(layers.CrossAttention),
+)
+
+
 class UNet(nn.Module):
     """Predicts the diffusion target (v, eps or x0) from a noisy image, its log-SNR and the text."""
 
@@ -132,13 +140,7 @@ class UNet(nn.Module):
 
     def _blocks(self) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
         """(ResBlock, SelfAttention, CrossAttention), rematerialised when `remat` (same parameter names)."""
-        if not self.remat:
-            return layers.ResBlock, layers.SelfAttention, layers.CrossAttention
-        return (
-            nn.remat(layers.ResBlock, static_argnums=(3,)),  # `train` (self is argument 0) is a Python bool
-            nn.remat(layers.SelfAttention),
-            nn.remat(layers.CrossAttention),
-        )
+        return _REMAT_BLOCKS if self.remat else _PLAIN_BLOCKS
 
     def _level_block(
         self,
