@@ -96,11 +96,9 @@ def host_peak_rss_bytes() -> int:
 
 def peak_memory(device: Any) -> dict[str, Any]:
     """Device peak bytes where the backend reports them (GPU/TPU), else the host's peak RSS (CPU)."""
-    stats = None
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory stats raise various errors
-        stats = None
+    from imagen_jax.parallel.memory import memory_stats  # imported late: ROOT joins sys.path above
+
+    stats = memory_stats(device)
     if stats and "peak_bytes_in_use" in stats:
         return {"peak_bytes": int(stats["peak_bytes_in_use"]), "kind": "device"}
     return {"peak_bytes": host_peak_rss_bytes(), "kind": "host_rss"}

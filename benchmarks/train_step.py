@@ -29,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from imagen_jax.cascade import stage as stage_lib
+from imagen_jax.parallel import memory
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.training.config_checks import validate_config
 from imagen_jax.training.loop import compile_train_step, frozen_inputs, global_batch
@@ -62,18 +63,13 @@ def model_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen)
 
 
 def compiled_memory(compiled: Any) -> dict[str, int | None]:
-    """XLA's static memory plan of the compiled step, per device: arguments (state + batch), outputs and
-    temporaries (activations, gradients); donated buffers are counted once."""
-    try:
-        mem = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - backends without memory analysis raise various errors
-        mem = None
-    if mem is None:
-        return {"planned_bytes": None, "planned_temp_bytes": None}
-    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    """XLA's static memory plan of the compiled step, per device (donated buffers counted once), and the
+    allocator's limit where the device reports one."""
+    plan = memory.memory_plan(compiled)
     return {
-        "planned_bytes": int(total - mem.alias_size_in_bytes),
-        "planned_temp_bytes": int(mem.temp_size_in_bytes),
+        "planned_bytes": plan.total if plan else None,
+        "planned_temp_bytes": plan.temporaries if plan else None,
+        "device_memory_limit_bytes": memory.device_memory_limit(),
     }
 
 
@@ -101,7 +97,10 @@ def benchmark(
     host = synthetic_batch(config, stage, text)
     batch = global_batch(host, mesh, config.axis_rules)
     frozen = frozen_inputs(config, stage)
-    compiled, compile_s = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
+    # compile_only plans batches that may not fit: report the plan instead of refusing it.
+    compiled, compile_s = compile_train_step(
+        config, stage, optimizer, shardings, state, batch, frozen, check_memory=not compile_only
+    )
     hardware_flops = common.cost_flops(compiled)
     if hardware_flops:  # the compiled program is one device's partition of the SPMD step
         hardware_flops *= mesh.size

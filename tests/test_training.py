@@ -9,6 +9,7 @@ import pytest
 from configs.shapes import get_config
 from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.data.shapes import make_example
+from imagen_jax.parallel import memory
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.training import checkpoint, loop
 from imagen_jax.training.config_checks import validate_config
@@ -152,6 +153,33 @@ def test_non_finite_loss_stops_without_writing_a_poisoned_checkpoint(tmp_path, m
         loop.train_and_evaluate(config, str(tmp_path / "run"))
     steps = checkpoint.make_manager(str(tmp_path / "run"), keep=5).all_steps()
     assert list(steps) == [2]
+
+
+def test_train_step_too_big_for_device_memory_is_refused_after_compiling(monkeypatch):
+    """Where devices report an allocator limit (GPU/TPU), a step whose memory plan exceeds it is refused
+    with the sizes and the fixes, not left to fail inside XLA at its first call. CPUs report no limit."""
+    config = tiny_config()
+    mesh = mesh_lib.make_mesh([("data", -1)])
+    stage = stage_lib.build_stage(config, mesh)
+    optimizer = make_optimizer(config.optim, config.train.num_steps)
+    state, shardings = stage_lib.abstract_train_state(stage, optimizer)
+    batch = loop.global_batch(_batch(stage), mesh, config.axis_rules)
+    args = (config, stage, optimizer, shardings, state, batch, loop.frozen_inputs(config, stage))
+    assert memory.device_memory_limit() is None
+    compiled, _ = loop.compile_train_step(*args)
+    plan = memory.memory_plan(compiled)
+    assert plan.arguments > 0 and plan.temporaries > 0 and plan.aliased > 0  # the state is donated
+    assert plan.total == plan.arguments + plan.outputs + plan.temporaries - plan.aliased
+
+    monkeypatch.setattr(memory, "device_memory_limit", lambda devices=None: plan.total)
+    memory.check_fits(compiled, what="the step", fixes="")  # exactly fits
+    monkeypatch.setattr(memory, "device_memory_limit", lambda devices=None: plan.total - 1)
+    with pytest.raises(
+        memory.DeviceMemoryError,
+        match=r"the train step at batch 16 needs \d+\.\d GiB per device by XLA's plan .* Lower "
+        r"config.train.batch_size, set config.model.remat=True",
+    ):
+        loop.compile_train_step(*args)
 
 
 def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):

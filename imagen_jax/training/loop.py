@@ -23,8 +23,8 @@ from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.cascade.images import save_grid
 from imagen_jax.data.pipeline import as_str, make_loader
 from imagen_jax.data.sources import build_source
+from imagen_jax.parallel import memory, xla_options
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.parallel import xla_options
 from imagen_jax.text.embedding_cache import EmbeddingCache
 from imagen_jax.training import checkpoint
 from imagen_jax.training.config_checks import validate_config
@@ -110,9 +110,11 @@ def compile_train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     frozen: Any,
+    check_memory: bool = True,
 ) -> tuple[Any, float]:
     """The train step jitted with explicit shardings and a donated state, compiled ahead of time for
-    these exact inputs (a shape change fails loudly instead of recompiling); also the compile seconds."""
+    these exact inputs (a shape change fails loudly instead of recompiling); also the compile seconds.
+    With `check_memory`, a step that cannot fit in device memory is refused here, naming the fixes."""
     step_fn = jax.jit(
         make_train_step(config, stage.unet, stage.text.module, optimizer),
         in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, None),
@@ -122,7 +124,15 @@ def compile_train_step(
     )
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, frozen).compile()
-    return compiled, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if check_memory:
+        memory.check_fits(
+            compiled,
+            what=f"the train step at batch {config.train.batch_size}",
+            fixes="Lower config.train.batch_size, set config.model.remat=True (recompute activations in the "
+            "backward pass), or spread the batch over more devices (config.mesh).",
+        )
+    return compiled, seconds
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
