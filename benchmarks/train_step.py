@@ -73,6 +73,28 @@ def compiled_memory(compiled: Any) -> dict[str, int | None]:
     }
 
 
+def compile_fitting_batch(
+    config, stage, optimizer, shardings, state, text: str, mesh, frozen, fit_batch: bool, check_memory: bool
+):
+    """Compiles the step at `config.train.batch_size`; with `fit_batch`, halves the batch (on a copy of
+    the config) while XLA's plan exceeds the device's memory. Returns the config, batch, program, seconds."""
+    while True:
+        batch = global_batch(synthetic_batch(config, stage, text), mesh, config.axis_rules)
+        try:
+            compiled, seconds = compile_train_step(
+                config, stage, optimizer, shardings, state, batch, frozen, check_memory=check_memory
+            )
+            return config, batch, compiled, seconds
+        except memory.DeviceMemoryError as e:
+            half = config.train.batch_size // 2
+            shards = mesh_lib.batch_shards(mesh, config.axis_rules)
+            if not fit_batch or half < shards or half % shards:
+                raise
+            print(f"{e}\n--fit_batch: compiling again at batch {half}.", flush=True)
+            config = config.copy_and_resolve_references()
+            config.train.batch_size = half
+
+
 def benchmark(
     config,
     text: str,
@@ -80,9 +102,11 @@ def benchmark(
     warmup: int,
     profile_dir: str | None = None,
     compile_only: bool = False,
+    fit_batch: bool = False,
 ) -> dict:
     """Compiles the train step and times it; `compile_only` compiles against the state's shapes alone
-    (nothing allocated: sizes batches and models too large for this host) and reports XLA's plan."""
+    (nothing allocated: sizes batches and models too large for this host) and reports XLA's plan without
+    refusing it; `fit_batch` halves a batch whose plan does not fit the device."""
     validate_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_divisible(config.train.batch_size, mesh, config.axis_rules)
@@ -94,12 +118,19 @@ def benchmark(
         state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
     if text == "auto":
         text = "ids" if config.text.train_jointly else "embeddings"
-    host = synthetic_batch(config, stage, text)
-    batch = global_batch(host, mesh, config.axis_rules)
     frozen = frozen_inputs(config, stage)
-    # compile_only plans batches that may not fit: report the plan instead of refusing it.
-    compiled, compile_s = compile_train_step(
-        config, stage, optimizer, shardings, state, batch, frozen, check_memory=not compile_only
+    requested_batch = config.train.batch_size
+    config, batch, compiled, compile_s = compile_fitting_batch(
+        config,
+        stage,
+        optimizer,
+        shardings,
+        state,
+        text,
+        mesh,
+        frozen,
+        fit_batch,
+        check_memory=not compile_only,
     )
     hardware_flops = common.cost_flops(compiled)
     if hardware_flops:  # the compiled program is one device's partition of the SPMD step
@@ -113,6 +144,7 @@ def benchmark(
     result = {
         "text_input": text,
         "batch_size": b,
+        "requested_batch_size": requested_batch,
         "resolution": config.data.resolution,
         "dtype": common.run_dtype(config),
         "remat": bool(config.model.get("remat")),
@@ -156,7 +188,9 @@ def benchmark(
 def main(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
-    result = benchmark(config, FLAGS.text, FLAGS.iters, FLAGS.warmup, FLAGS.profile_dir, FLAGS.compile_only)
+    result = benchmark(
+        config, FLAGS.text, FLAGS.iters, FLAGS.warmup, FLAGS.profile_dir, FLAGS.compile_only, FLAGS.fit_batch
+    )
     common.print_table(
         [result],
         [
@@ -191,6 +225,11 @@ if __name__ == "__main__":
         "compile_only",
         False,
         "Compile against shapes only (no state allocated) and report FLOPs and XLA's plan.",
+    )
+    flags.DEFINE_bool(
+        "fit_batch",
+        False,
+        "Halve config.train.batch_size until XLA's plan of the step fits the device's memory (GPU/TPU).",
     )
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -46,6 +46,21 @@ def test_train_step_benchmark_with_remat_counts_model_and_hardware_flops():
     assert result["hfu"] is None  # CPU
 
 
+def test_train_step_benchmark_fit_batch_halves_a_batch_that_does_not_fit(monkeypatch):
+    """--fit_batch: a batch whose plan exceeds the device limit is halved and compiled again (without the
+    flag the step's memory error stands: tests/test_training.py). CPUs report no limit: the first check
+    here fakes a tiny one."""
+    from imagen_jax.parallel import memory
+
+    config = get_config("tiny")
+    config.text.train_jointly = False
+    limits = iter([1])  # batch 16's check; then CPU's "no limit"
+    monkeypatch.setattr(memory, "device_memory_limit", lambda devices=None: next(limits, None))
+    result = train_step.benchmark(config, "embeddings", iters=1, warmup=0, fit_batch=True)
+    assert (result["requested_batch_size"], result["batch_size"]) == (16, 8)
+    assert result["images_per_second"] > 0 and config.train.batch_size == 16  # the caller's config kept
+
+
 def test_train_step_benchmark_with_joint_text_encoder():
     result = train_step.benchmark(get_config("tiny"), "auto", iters=1, warmup=1)
     assert result["text_input"] == "ids"

@@ -5,7 +5,7 @@
 # tool brings back at most 8 files). Each phase has
 # its own time limit, so one that runs out of memory or time does not cost the others. Batch sizes:
 # BASE_BATCH (the ~2B base U-Net without remat; default 8, 16 on cards over 100 GB) and REMAT_BATCH (with
-# remat; default 32, or 64).
+# remat; default 32, or 64); the base phases halve a batch whose memory plan does not fit (--fit_batch).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-benchmarks/results/gpu}"
@@ -41,9 +41,9 @@ run train_bench_small_bf16 60 benchmarks/train_step.py --config configs/bench_sm
   --config.model.dtype=bfloat16
 run sampling_bench_small_bf16 45 benchmarks/sampling.py --config configs/bench_small.py \
   --config.model.dtype=bfloat16 --samplers dpmpp2m --steps 25 --guidance 3
-run train_base64_bf16 210 benchmarks/train_step.py --config "$base" --iters 10 \
+run train_base64_bf16 210 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
   --config.train.batch_size="$base_batch"
-run train_base64_bf16_remat 180 benchmarks/train_step.py --config "$base" --iters 10 \
+run train_base64_bf16_remat 180 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
   --config.model.remat=True --config.train.batch_size="$remat_batch"
-run train_base64_bf16_cudnn 90 benchmarks/train_step.py --config "$base" --iters 10 \
+run train_base64_bf16_cudnn 90 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
   --config.train.batch_size="$base_batch" --config.model.attention_impl=cudnn

@@ -97,13 +97,22 @@ def batch_sharding(mesh: Mesh, rules: Sequence[Sequence[Any]] | None, ndim: int)
     return logical_sharding((axes.BATCH,) + (None,) * (ndim - 1), mesh, rules)
 
 
+def _batch_axes(rules: Sequence[Sequence[Any]] | None) -> tuple[str, ...]:
+    spec = nn.logical_to_mesh_axes((axes.BATCH,), axis_rules(rules))[0]
+    return () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+
+
+def batch_shards(mesh: Mesh, rules: Sequence[Sequence[Any]] | None) -> int:
+    """How many ways the batch is split: the product of the mesh axes the batch axis maps to."""
+    return math.prod(mesh.shape[name] for name in _batch_axes(rules))
+
+
 def check_batch_divisible(global_batch: int, mesh: Mesh, rules: Sequence[Sequence[Any]] | None) -> None:
     """Raises a clear error when the global batch does not split evenly over the batch mesh axes."""
-    spec = nn.logical_to_mesh_axes((axes.BATCH,), axis_rules(rules))[0]
-    names = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
-    shards = math.prod(mesh.shape[name] for name in names)
+    names = _batch_axes(rules)
+    shards = batch_shards(mesh, rules)
     if global_batch % shards:
         raise ValueError(
             f"batch size {global_batch} does not divide over the {shards} devices of mesh axes {names} "
-            f"(mesh {dict(mesh.shape)}). Set config.batch_size to a multiple of {shards}."
+            f"(mesh {dict(mesh.shape)}). Set config.train.batch_size to a multiple of {shards}."
         )
