@@ -43,6 +43,9 @@ run sampling_bench_small_bf16 45 benchmarks/sampling.py --config configs/bench_s
   --config.model.dtype=bfloat16 --samplers dpmpp2m --steps 25 --guidance 3
 run train_base64_bf16 210 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
   --config.train.batch_size="$base_batch"
+# The cuDNN phase reuses the batch the first base phase settled on (no second --fit_batch search).
+fitted=$(python3 -c "import json; print(json.load(open('$out/train_base64_bf16.json'))['batch_size'])" \
+  2>/dev/null) && base_batch="$fitted"
 run train_base64_bf16_remat 180 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
   --config.model.remat=True --config.train.batch_size="$remat_batch"
 run train_base64_bf16_cudnn 90 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
