@@ -13,6 +13,7 @@ from configs import bench_small, bench_tiny, imagen_base64
 from configs.shapes import get_config
 from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.models.unet import unet_from_config
+from imagen_jax.parallel import memory
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -50,12 +51,10 @@ def test_train_step_benchmark_fit_batch_halves_a_batch_that_does_not_fit(monkeyp
     """--fit_batch: a batch whose plan exceeds the device limit is halved and compiled again (without the
     flag the step's memory error stands: tests/test_training.py). CPUs report no limit: the first check
     here fakes a tiny one."""
-    from imagen_jax.parallel import memory
-
     config = get_config("tiny")
     config.text.train_jointly = False
     limits = iter([1])  # batch 16's check; then CPU's "no limit"
-    monkeypatch.setattr(memory, "device_memory_limit", lambda devices=None: next(limits, None))
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: next(limits, None))
     result = train_step.benchmark(config, "embeddings", iters=1, warmup=0, fit_batch=True)
     assert (result["requested_batch_size"], result["batch_size"]) == (16, 8)
     assert result["images_per_second"] > 0 and config.train.batch_size == 16  # the caller's config kept

@@ -171,9 +171,9 @@ def test_train_step_too_big_for_device_memory_is_refused_after_compiling(monkeyp
     assert plan.arguments > 0 and plan.temporaries > 0 and plan.aliased > 0  # the state is donated
     assert plan.total == plan.arguments + plan.outputs + plan.temporaries - plan.aliased
 
-    monkeypatch.setattr(memory, "device_memory_limit", lambda devices=None: plan.total)
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: plan.total)
     memory.check_fits(compiled, what="the step", fixes="")  # exactly fits
-    monkeypatch.setattr(memory, "device_memory_limit", lambda devices=None: plan.total - 1)
+    monkeypatch.setattr(memory, "device_memory_limit", lambda: plan.total - 1)
     with pytest.raises(
         memory.DeviceMemoryError,
         match=r"the train step at batch 16 needs \d+\.\d GiB per device by XLA's plan .* Lower "

@@ -8,7 +8,6 @@ sizes and the config knobs that fix it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -58,11 +57,11 @@ def memory_stats(device: jax.Device) -> dict[str, int] | None:
         return None
 
 
-def device_memory_limit(devices: Sequence[jax.Device] | None = None) -> int | None:
-    """The smallest allocator limit (bytes) over `devices` (default: this host's), or None where devices
-    report none (CPU)."""
+def device_memory_limit() -> int | None:
+    """The smallest allocator limit (bytes) over this host's devices, or None where they report none
+    (CPU)."""
     limits = []
-    for device in jax.local_devices() if devices is None else devices:
+    for device in jax.local_devices():
         stats = memory_stats(device)
         if not stats or "bytes_limit" not in stats:
             return None
@@ -70,13 +69,13 @@ def device_memory_limit(devices: Sequence[jax.Device] | None = None) -> int | No
     return min(limits) if limits else None
 
 
-def check_fits(compiled: Any, *, what: str, fixes: str, devices: Sequence[jax.Device] | None = None) -> None:
+def check_fits(compiled: Any, *, what: str, fixes: str) -> None:
     """Raises a clear error when `compiled` needs more memory per device than the allocator allows.
     `what` names the program ("the train step at batch 64") and `fixes` says what to change."""
-    plan, limit = memory_plan(compiled), device_memory_limit(devices)
+    plan, limit = memory_plan(compiled), device_memory_limit()
     if plan is None or limit is None or plan.total <= limit:
         return
-    device = (devices or jax.local_devices())[0]
+    device = jax.local_devices()[0]
     raise DeviceMemoryError(
         f"{what} needs {plan.total / GIB:.1f} GiB per device by XLA's plan (inputs "
         f"{plan.arguments / GIB:.1f}, temporaries {plan.temporaries / GIB:.1f}, outputs "
