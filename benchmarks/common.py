@@ -78,6 +78,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def compile_from_scratch() -> None:
+    """Benchmarks report compile times: never load a program from a persistent compilation cache (one
+    that $JAX_COMPILATION_CACHE_DIR may have set), which would report a cache read as a compile."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
 def median_seconds(fn: Callable[[], Any], *, iters: int, warmup: int = 2) -> tuple[float, list[float]]:
     """Median wall seconds of `fn()` (which must block until its result is ready) over `iters` runs."""
     for _ in range(warmup):

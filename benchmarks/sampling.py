@@ -65,6 +65,7 @@ def benchmark(config, sampler_names, steps: int, guidance: float, batch: int, it
 
 def main(argv: list[str]) -> None:
     del argv
+    common.compile_from_scratch()
     config = FLAGS.config
     batch = FLAGS.batch or config.train.batch_size
     rows = benchmark(config, FLAGS.samplers, FLAGS.steps, FLAGS.guidance, batch, FLAGS.iters)

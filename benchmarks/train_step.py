@@ -20,6 +20,7 @@ HFU the FLOPs the hardware executed.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import common  # noqa: F401  (puts the project root on sys.path)
@@ -112,10 +113,17 @@ def benchmark(
     mesh_lib.check_batch_divisible(config.train.batch_size, mesh, config.axis_rules)
     stage = stage_lib.build_stage(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.num_steps)
+    # Progress lines, so a run stopped at a time limit still says how far it got.
+    t0 = time.perf_counter()
     if compile_only:
         state, shardings = stage_lib.abstract_train_state(stage, optimizer)
     else:
         state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+    print(
+        f"train state ready in {time.perf_counter() - t0:.1f} s; compiling the step at batch "
+        f"{config.train.batch_size}...",
+        flush=True,
+    )
     if text == "auto":
         text = "ids" if config.text.train_jointly else "embeddings"
     frozen = frozen_inputs(config, stage)
@@ -157,9 +165,11 @@ def benchmark(
         "hardware_flops_per_image": hardware_flops / b if hardware_flops else None,
         **compiled_memory(compiled),
     }
+    print(f"compiled in {compile_s:.1f} s; planned {result['planned_bytes']} bytes per device", flush=True)
     if compile_only:
         return result
 
+    print(f"timing {warmup} + {iters} steps at batch {b}...", flush=True)
     holder = {"state": state}
 
     def one_step() -> None:
@@ -187,6 +197,7 @@ def benchmark(
 
 def main(argv: list[str]) -> None:
     del argv
+    common.compile_from_scratch()
     config = FLAGS.config
     result = benchmark(
         config, FLAGS.text, FLAGS.iters, FLAGS.warmup, FLAGS.profile_dir, FLAGS.compile_only, FLAGS.fit_batch

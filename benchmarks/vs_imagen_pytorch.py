@@ -91,6 +91,7 @@ def torch_spec(
 
 def main(argv: list[str]) -> None:
     del argv
+    common.compile_from_scratch()
     config = FLAGS.config
     threads = os.cpu_count() or 1
     sample_batch = FLAGS.sample_batch or config.train.batch_size

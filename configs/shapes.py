@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             tpu="",
         )
     )
+    # JAX's persistent compilation cache: a resumed run, and sample.py on its workdir, load the compiled
+    # train step and samplers instead of compiling again. Relative: under --workdir; "": not set here.
+    c.compilation_cache_dir = "compilation_cache"
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "shapes"  # "shapes" (procedural, no download) or "folder" (images + captions file)

@@ -20,3 +20,16 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _unset_compilation_cache():
+    """Training and loading a stage point JAX's process-wide compilation cache at the test's workdir;
+    unset it afterwards so no test compiles into or loads from another test's cache."""
+    yield
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if jax.config.jax_compilation_cache_dir is not None:
+        compilation_cache.set_cache_dir(None)
+        compilation_cache.reset_cache()

@@ -120,7 +120,17 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch):
         loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     monkeypatch.setattr(checkpoint, "save", real_save)
     assert checkpoint.make_manager(str(tmp_path / "resumed"), keep=5).latest_step() == 3
-    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    loaded = []  # the restart loads the compiled train step from the run's compilation cache
+
+    def count_cache_hits(event, **kwargs):
+        loaded.extend([event] if event == "/jax/compilation_cache/cache_hits" else [])
+
+    jax.monitoring.register_event_listener(count_cache_hits)
+    try:
+        resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    finally:
+        jax.monitoring.unregister_event_listener(count_cache_hits)
+    assert loaded and os.listdir(tmp_path / "resumed" / config.compilation_cache_dir)
 
     assert int(resumed.step) == int(straight.step) == 6
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):

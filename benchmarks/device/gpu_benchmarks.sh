@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue 5 as one command for a lent device machine (at most 9m45s of phase limits):
-#   bash benchmarks/device/gpu_benchmarks.sh            (the device call carries `.whl`: fetch_wheels.sh)
+# The GPU benchmarks of issue 5 for a lent device machine, one call each (default phase: at most 9 min):
+#   bash benchmarks/device/gpu_benchmarks.sh     (the base U-Net; the call carries `.whl`: fetch_wheels.sh)
+#   PHASES="small sampling" bash benchmarks/device/gpu_benchmarks.sh       (bench_small, 3.5 min at most)
+#   PHASES=remat ... ; PHASES=cudnn ...                            (the base U-Net with remat / cuDNN)
 # Writes each result's JSON and one log to $OUT (or benchmarks/results/gpu/ when OUT is unset; the device
-# tool brings back at most 8 files). Each phase has
-# its own time limit, so one that runs out of memory or time does not cost the others. Batch sizes:
-# BASE_BATCH (the ~2B base U-Net without remat; default 8, 16 on cards over 100 GB) and REMAT_BATCH (with
-# remat; default 32, or 64); the base phases halve a batch whose memory plan does not fit (--fit_batch).
+# tool brings back at most 8 files). Each phase has its own time limit, so one that runs out of memory or
+# time does not cost the others, and prints progress lines, so one stopped at its limit says how far it
+# got. Batch sizes: BASE_BATCH (the ~2B base U-Net without remat; default 8, 16 on cards over 100 GB) and
+# REMAT_BATCH (with remat; default 32, or 64); `base` and `remat` halve a batch whose memory plan does not
+# fit (--fit_batch).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-benchmarks/results/gpu}"
@@ -36,17 +39,30 @@ mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | he
 if [ "${mem_mib:-0}" -gt 100000 ]; then big=1; else big=0; fi
 base_batch="${BASE_BATCH:-$((big ? 16 : 8))}"
 remat_batch="${REMAT_BATCH:-$((big ? 64 : 32))}"
-# Quick phases first; the base U-Net's compiles (with cuDNN conv autotuning) get the most time.
-run train_bench_small_bf16 60 benchmarks/train_step.py --config configs/bench_small.py \
-  --config.model.dtype=bfloat16
-run sampling_bench_small_bf16 45 benchmarks/sampling.py --config configs/bench_small.py \
-  --config.model.dtype=bfloat16 --samplers dpmpp2m --steps 25 --guidance 3
-run train_base64_bf16 210 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
-  --config.train.batch_size="$base_batch"
-# The cuDNN phase reuses the batch the first base phase settled on (no second --fit_batch search).
-fitted=$(python3 -c "import json; print(json.load(open('$out/train_base64_bf16.json'))['batch_size'])" \
-  2>/dev/null) && base_batch="$fitted"
-run train_base64_bf16_remat 180 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
-  --config.model.remat=True --config.train.batch_size="$remat_batch"
-run train_base64_bf16_cudnn 90 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
-  --config.train.batch_size="$base_batch" --config.model.attention_impl=cudnn
+# PHASES picks and orders the phases (default: base). The first lent H200 (2026-11-27) showed that GPU
+# compiles, not steps, take the time: bench_small's train step took 69 s to compile (with XLA's
+# autotuning; 34 s with --xla_gpu_autotune_level=0, but then the step ran 74x slower), and the base
+# U-Net's step compiles ~7x longer than bench_small's on CPU, so it gets a device call of its own.
+for phase in ${PHASES:-base}; do
+  case "$phase" in
+    base)
+      run train_base64_bf16 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
+        --config.train.batch_size="$base_batch"
+      # Later base phases reuse the batch this one settled on (no second --fit_batch search).
+      fitted=$(python3 -c "import json; print(json.load(open('$out/train_base64_bf16.json'))['batch_size'])" \
+        2>/dev/null) && base_batch="$fitted" ;;
+    small)
+      run train_bench_small_bf16 150 benchmarks/train_step.py --config configs/bench_small.py \
+        --config.model.dtype=bfloat16 ;;
+    sampling)
+      run sampling_bench_small_bf16 60 benchmarks/sampling.py --config configs/bench_small.py \
+        --config.model.dtype=bfloat16 --samplers dpmpp2m --steps 25 --guidance 3 ;;
+    remat)
+      run train_base64_bf16_remat 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
+        --config.model.remat=True --config.train.batch_size="$remat_batch" ;;
+    cudnn)
+      run train_base64_bf16_cudnn 540 benchmarks/train_step.py --config "$base" --iters 10 \
+        --config.train.batch_size="$base_batch" --config.model.attention_impl=cudnn ;;
+    *) echo "unknown phase $phase (base small sampling remat cudnn)"; exit 2 ;;
+  esac
+done

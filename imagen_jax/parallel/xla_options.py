@@ -1,5 +1,6 @@
 """XLA compiler options per backend, from `config.xla_options`: the one place every compiled program
-(train step, sampler) gets them, so a run's compiler settings live in its config and checkpoint.
+(train step, sampler) gets them, so a run's compiler settings live in its config and checkpoint. Also
+where a run's compiled programs are kept between processes (`config.compilation_cache_dir`).
 
 `config.xla_options` maps a backend ("cpu", "gpu", "tpu") to space-separated `name=value` pairs, e.g.
 `--config.xla_options.gpu="xla_gpu_enable_latency_hiding_scheduler=true"`. Only the running backend's
@@ -10,11 +11,13 @@ anything else (an empty value included) -> string.
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental.compilation_cache import compilation_cache
 
 OptionValue = bool | int | float | str
 _NAME = re.compile(r"^xla_[a-z0-9_]+$")
@@ -91,3 +94,22 @@ def check_model_dtype(
             "compiler (jax 0.10.2). On CPU keep model.dtype='float32' (faster here), or drop the option: "
             "--config.xla_options.cpu=''."
         )
+
+
+def use_compilation_cache(cache_dir: str, workdir: str) -> str | None:
+    """Points JAX's persistent compilation cache at `cache_dir` (a relative path is under `workdir`), so a
+    resumed or restarted run, and sampling from its workdir, load the compiled train step and samplers
+    instead of compiling them again (on GPU that is a minute for a small U-Net, README). Returns the cache
+    path; `""` sets nothing (JAX's own setting, e.g. $JAX_COMPILATION_CACHE_DIR, stays) and returns None.
+    """
+    if not cache_dir:
+        return None
+    path = cache_dir if os.path.isabs(cache_dir) or "://" in cache_dir else os.path.join(workdir, cache_dir)
+    previous = jax.config.jax_compilation_cache_dir
+    if previous != path:
+        compilation_cache.set_cache_dir(path)
+        if previous is not None:
+            # JAX opens its cache once per process, at the first compile after a folder is set: without
+            # this, a second run in the same process (a notebook, the tests) would write to the first's.
+            compilation_cache.reset_cache()
+    return path
