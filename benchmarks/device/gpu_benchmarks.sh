@@ -7,8 +7,8 @@
 # tool brings back at most 8 files). Each phase has its own time limit, so one that runs out of memory or
 # time does not cost the others, and prints progress lines, so one stopped at its limit says how far it
 # got. Batch sizes: BASE_BATCH (the ~2B base U-Net without remat; default 8, 16 on cards over 100 GB) and
-# REMAT_BATCH (with remat; default 32, or 64); `base` and `remat` halve a batch whose memory plan does not
-# fit (--fit_batch).
+# REMAT_BATCH (with remat; default 32, or 64); each base U-Net phase halves a batch whose memory plan does
+# not fit (--fit_batch).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-benchmarks/results/gpu}"
@@ -48,7 +48,7 @@ for phase in ${PHASES:-base}; do
     base)
       run train_base64_bf16 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
         --config.train.batch_size="$base_batch"
-      # Later base phases reuse the batch this one settled on (no second --fit_batch search).
+      # A later phase in the same call starts from the batch this one settled on.
       fitted=$(python3 -c "import json; print(json.load(open('$out/train_base64_bf16.json'))['batch_size'])" \
         2>/dev/null) && base_batch="$fitted" ;;
     small)
@@ -61,7 +61,7 @@ for phase in ${PHASES:-base}; do
       run train_base64_bf16_remat 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
         --config.model.remat=True --config.train.batch_size="$remat_batch" ;;
     cudnn)
-      run train_base64_bf16_cudnn 540 benchmarks/train_step.py --config "$base" --iters 10 \
+      run train_base64_bf16_cudnn 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
         --config.train.batch_size="$base_batch" --config.model.attention_impl=cudnn ;;
     *) echo "unknown phase $phase (base small sampling remat cudnn)"; exit 2 ;;
   esac
