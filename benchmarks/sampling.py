@@ -46,6 +46,7 @@ def benchmark(config, sampler_names, steps: int, guidance: float, batch: int, it
         t0 = time.perf_counter()
         run()
         first = time.perf_counter() - t0
+        print(f"{name}: first call (with compile) {first:.1f} s; timing {iters} calls...", flush=True)
         call_s, _ = common.median_seconds(run, iters=iters, warmup=0)
         rows.append(
             {
