@@ -33,3 +33,19 @@ def _unset_compilation_cache():
     if jax.config.jax_compilation_cache_dir is not None:
         compilation_cache.set_cache_dir(None)
         compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def compilation_cache_hits():
+    """A list that gets one entry each time JAX loads a program from the persistent compilation cache
+    while the test runs."""
+    import jax
+
+    hits = []
+
+    def record(event, **kwargs):
+        hits.extend([event] if event == "/jax/compilation_cache/cache_hits" else [])
+
+    jax.monitoring.register_event_listener(record)
+    yield hits
+    jax.monitoring.unregister_event_listener(record)

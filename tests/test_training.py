@@ -101,7 +101,7 @@ class Preempted(Exception):
     pass
 
 
-def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch):
+def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch, compilation_cache_hits):
     config = tiny_config(num_steps=6, checkpoint_every=3)
     config.data.data_dir = str(tmp_path / "data")
 
@@ -120,16 +120,9 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch):
         loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     monkeypatch.setattr(checkpoint, "save", real_save)
     assert checkpoint.make_manager(str(tmp_path / "resumed"), keep=5).latest_step() == 3
-    loaded = []  # the restart loads the compiled train step from the run's compilation cache
-
-    def count_cache_hits(event, **kwargs):
-        loaded.extend([event] if event == "/jax/compilation_cache/cache_hits" else [])
-
-    jax.monitoring.register_event_listener(count_cache_hits)
-    try:
-        resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-    finally:
-        jax.monitoring.unregister_event_listener(count_cache_hits)
+    loaded = compilation_cache_hits  # the restart loads the compiled train step from the run's cache
+    loaded.clear()
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     cached = os.listdir(tmp_path / "resumed" / config.compilation_cache_dir)
     assert loaded and any(name.startswith("jit_step-") for name in cached)
 

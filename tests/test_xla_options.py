@@ -93,22 +93,22 @@ def _cache_entries(folder):
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
-def test_compilation_cache_follows_the_runs_workdir(tmp_path):
-    assert xla_options.use_compilation_cache("", str(tmp_path)) is None
-    assert jax.config.jax_compilation_cache_dir is None
-    hits = []
+def test_compilation_cache_follows_the_runs_workdir(tmp_path, compilation_cache_hits):
+    def cache_config(cache_dir):
+        return ml_collections.ConfigDict(dict(compilation_cache_dir=cache_dir))
 
-    def count_hits(event, **kwargs):
-        hits.extend([event] if event == "/jax/compilation_cache/cache_hits" else [])
+    assert xla_options.use_compilation_cache(cache_config(""), str(tmp_path)) is None
+    assert xla_options.use_compilation_cache(ml_collections.ConfigDict(), str(tmp_path)) is None  # old config
+    assert jax.config.jax_compilation_cache_dir is None
+    hits = compilation_cache_hits
 
     def compile_program(scale):
         jax.jit(lambda x: jnp.tanh(x) * scale).lower(jnp.ones((3, 5))).compile()
 
     min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache even these tiny programs
-    jax.monitoring.register_event_listener(count_hits)
     try:
-        first = xla_options.use_compilation_cache("cc", str(tmp_path / "a"))
+        first = xla_options.use_compilation_cache(cache_config("cc"), str(tmp_path / "a"))
         assert first == str(tmp_path / "a" / "cc")
         compile_program(2.0)
         written = _cache_entries(tmp_path / "a" / "cc")
@@ -116,16 +116,15 @@ def test_compilation_cache_follows_the_runs_workdir(tmp_path):
 
         # A second run in the same process gets its own folder, not the first run's.
         absolute = str(tmp_path / "shared_cache")
-        assert xla_options.use_compilation_cache(absolute, str(tmp_path / "b")) == absolute
+        assert xla_options.use_compilation_cache(cache_config(absolute), str(tmp_path / "b")) == absolute
         compile_program(3.0)
         assert _cache_entries(tmp_path / "shared_cache") and not (tmp_path / "b").exists()
         assert _cache_entries(tmp_path / "a" / "cc") == written
 
         # Back in the first run's folder, the same program is loaded instead of compiled.
-        xla_options.use_compilation_cache("cc", str(tmp_path / "a"))
+        xla_options.use_compilation_cache(cache_config("cc"), str(tmp_path / "a"))
         jax.clear_caches()
         compile_program(2.0)
         assert hits
     finally:
-        jax.monitoring.unregister_event_listener(count_hits)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)

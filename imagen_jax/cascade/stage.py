@@ -124,7 +124,7 @@ def load_stage(
     """The stage trained in `workdir` with its (EMA) weights; the config comes from the checkpoint. Its
     samplers compile through the run's compilation cache, so sampling again skips their compiles."""
     config = config or checkpoint.read_config(workdir, step)
-    xla_options.use_compilation_cache(config.get("compilation_cache_dir", ""), workdir)
+    xla_options.use_compilation_cache(config, workdir)
     stage = build_stage(config, mesh)
     structs, _ = abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
     manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints, create=False)

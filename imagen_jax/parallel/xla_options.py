@@ -96,12 +96,14 @@ def check_model_dtype(
         )
 
 
-def use_compilation_cache(cache_dir: str, workdir: str) -> str | None:
-    """Points JAX's persistent compilation cache at `cache_dir` (a relative path is under `workdir`), so a
-    resumed or restarted run, and sampling from its workdir, load the compiled train step and samplers
-    instead of compiling them again (on GPU that is a minute for a small U-Net, README). Returns the cache
-    path; `""` sets nothing (JAX's own setting, e.g. $JAX_COMPILATION_CACHE_DIR, stays) and returns None.
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """Points JAX's persistent compilation cache at `config.compilation_cache_dir` (a relative path is
+    under `workdir`), so a resumed or restarted run, and sampling from its workdir, load the compiled train
+    step and samplers instead of compiling them again (on GPU that is a minute for a small U-Net, README).
+    Returns the cache path; `""` sets nothing (JAX's own setting, e.g. $JAX_COMPILATION_CACHE_DIR, stays),
+    nor do configs saved before the key existed, and returns None.
     """
+    cache_dir = config.get("compilation_cache_dir", "")
     if not cache_dir:
         return None
     path = cache_dir if os.path.isabs(cache_dir) or "://" in cache_dir else os.path.join(workdir, cache_dir)

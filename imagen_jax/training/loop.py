@@ -139,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains the stage described by `config`, resuming from the latest checkpoint in `workdir`."""
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
-    cache = xla_options.use_compilation_cache(config.get("compilation_cache_dir", ""), workdir)
+    cache = xla_options.use_compilation_cache(config, workdir)
     if cache:
         log.info("compilation cache: %s", cache)
     tc = config.train
