@@ -2,7 +2,8 @@ r"""Train one Imagen cascade stage.
 
   python train.py --config configs/shapes.py --workdir runs/shapes [--config.train.num_steps=100]
 
-Re-running the same command resumes from the latest checkpoint in --workdir.
+Re-running the same command resumes from the latest checkpoint in --workdir. Mistakes end with one
+`error:` line (exit 1; 2 for the command line itself); --verbose shows the traceback.
 """
 
 import logging
@@ -10,6 +11,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.training.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -17,6 +19,7 @@ config_flags.DEFINE_config_file(
     "config", None, "Python config file (optionally file.py:variant).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, metrics and samples.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, verbose=_VERBOSE)

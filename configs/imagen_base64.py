@@ -77,12 +77,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             sample_every=20_000,
         )
     )
-    c.train.sample_prompts = [
+    c.train.sample_prompts = (
         "A brown and white corgi sitting in a field of flowers.",
         "A red cube on top of a blue sphere.",
         "A photo of a teddy bear made of water.",
         "",
-    ]
+    )
     c.sample.sampler = "dpmpp2m"
     c.sample.num_steps = 25
     c.sample.time_grid = "quadratic"

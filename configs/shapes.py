@@ -21,8 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
 
     # Devices: one mesh axis over all devices; logical axis -> mesh axis rules (None = replicated).
-    c.mesh = [("data", -1)]
-    c.axis_rules = [
+    # Tuples, not lists: ml_collections overrides only tuples from the command line, e.g.
+    # --config.mesh="(('data', -1),)" (README, Configs).
+    c.mesh = (("data", -1),)
+    c.axis_rules = (
         ("batch", "data"),
         ("length", None),
         ("embed", None),
@@ -34,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("conv_out", None),
         ("norm", None),
         ("relpos_buckets", None),
-    ]
+    )
 
     # XLA compiler options per backend (space-separated name=value), for the train step and the samplers.
     # CPU: only YNNPACK's fused dot and reduce graphs, not its per-op convolution and matmul kernels or
@@ -56,6 +58,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.name = "shapes"  # "shapes" (procedural, no download) or "folder" (images + captions file)
     c.data.data_dir = ""  # TFDS data_dir for the shapes dataset; "" = <workdir>/data
     c.data.folder = ""  # for name="folder": the images folder with captions.tsv / captions.jsonl
+    # For name="folder". Transparent pixels are composited onto this RGB colour: dropping alpha would
+    # train on whatever colour they happen to hide.
+    c.data.background = (255, 255, 255)
+    # Centre-cropping a panorama keeps a thin slice that may not match its caption: images whose
+    # long/short side ratio exceeds max_aspect are "crop"ped anyway, "pad"ded (letterboxed onto
+    # background) or "skip"ped; the counts are logged when the source is built.
+    c.data.aspect_policy = "crop"
+    c.data.max_aspect = 2.0
     c.data.resolution = 32
     c.data.num_train = 60_000
     c.data.num_eval = 1_000
@@ -154,7 +164,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
     c.train.sample_every = 500  # write a sample grid; 0 = never
-    c.train.sample_prompts = [
+    c.train.sample_prompts = (
         "a large red circle",
         "a small blue square",
         "a large green triangle",
@@ -163,7 +173,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "a green circle above a yellow triangle",
         "",
         "a large purple square",
-    ]
+    )
 
     c.sample = ml_collections.ConfigDict()
     # Ancestral sampling: on this short-trained model 25-step DPM-Solver++ leaves visible speckle that the
@@ -220,7 +230,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.log_every = 2
         c.train.checkpoint_every = 3
         c.train.sample_every = 0
-        c.train.sample_prompts = ["a red circle", ""]
+        c.train.sample_prompts = ("a red circle", "")
         c.sample.num_steps = 4
         c.eval.num_captions = 16
         c.eval.batch_size = 16

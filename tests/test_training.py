@@ -93,8 +93,9 @@ def test_loss_drops_when_training_a_tiny_model():
 def _params_of_last_checkpoint(workdir, config):
     stage = stage_lib.build_stage(config)
     structs, _ = stage_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
-    manager = checkpoint.make_manager(workdir, keep=5, create=False)
-    return checkpoint.restore(manager, structs, config)
+    restored, damaged = checkpoint.restore_newest_good(workdir, lambda _: structs, config)
+    assert not damaged
+    return restored.state
 
 
 class Preempted(Exception):
@@ -108,18 +109,18 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch, compilation
     straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
 
     # Preempt right after the step-3 checkpoint is written, then restart the same command.
-    real_save = checkpoint.save
+    real_save = checkpoint.CheckpointWriter.save
 
-    def save_then_die(manager, state, cfg, data_state=None):
-        real_save(manager, state, cfg, data_state)
-        manager.wait_until_finished()
+    def save_then_die(self, state, cfg, data_state=None):
+        real_save(self, state, cfg, data_state)
+        self.manager.wait_until_finished()
         raise Preempted()
 
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "save", save_then_die)
     with pytest.raises(Preempted):
         loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoint, "save", real_save)
-    assert checkpoint.make_manager(str(tmp_path / "resumed"), keep=5).latest_step() == 3
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "save", real_save)
+    assert checkpoint.make_manager(str(tmp_path / "resumed")).latest_step() == 3
     loaded = compilation_cache_hits  # the restart loads the compiled train step from the run's cache
     loaded.clear()
     resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
@@ -155,7 +156,7 @@ def test_non_finite_loss_stops_without_writing_a_poisoned_checkpoint(tmp_path, m
     monkeypatch.setattr(loop, "global_batch", poisoned)
     with pytest.raises(loop.NonFiniteLossError, match="non-finite loss between steps 2 and 4"):
         loop.train_and_evaluate(config, str(tmp_path / "run"))
-    steps = checkpoint.make_manager(str(tmp_path / "run"), keep=5).all_steps()
+    steps = checkpoint.make_manager(str(tmp_path / "run")).all_steps()
     assert list(steps) == [2]
 
 

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from imagen_jax.cascade.images import to_uint8
 from imagen_jax.diffusion import samplers
+from imagen_jax.errors import NonFiniteError
 from imagen_jax.models.unet import UNet, unet_from_config
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
@@ -121,15 +122,20 @@ def load_stage(
     mesh: Mesh | None = None,
     use_ema: bool = True,
 ) -> Stage:
-    """The stage trained in `workdir` with its (EMA) weights; the config comes from the checkpoint. Its
-    samplers compile through the run's compilation cache, so sampling again skips their compiles."""
-    config = config or checkpoint.read_config(workdir, step)
-    xla_options.use_compilation_cache(config, workdir)
-    stage = build_stage(config, mesh)
-    structs, _ = abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
-    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints, create=False)
-    state = checkpoint.restore(manager, structs, config, step)
-    return dataclasses.replace(stage, params=state.ema_params if use_ema else state.params)
+    """The stage trained in `workdir` with its (EMA) weights, from the newest checkpoint that verifies
+    (a damaged newer one is named in a warning; an explicit `step` must verify). The config comes from
+    the checkpoint unless given. Its samplers compile through the run's compilation cache."""
+    built: list[Stage] = []
+
+    def abstract_state(cfg: ml_collections.ConfigDict) -> Any:
+        built.append(build_stage(cfg, mesh))
+        return abstract_train_state(built[-1], make_optimizer(cfg.optim, cfg.train.num_steps))[0]
+
+    restored, _ = checkpoint.restore_newest_good(workdir, abstract_state, config, step)
+    stage = built[-1]
+    xla_options.use_compilation_cache(stage.config, workdir)
+    params = restored.state.ema_params if use_ema else restored.state.params
+    return dataclasses.replace(stage, params=params)
 
 
 _SAMPLE_STATIC = (
@@ -265,5 +271,11 @@ def generate(
             shape=(batch_size, res, res, 3),
             **opts,
         )
-        out.append(to_uint8(jax.device_get(images))[: len(chunk)])
+        images = jax.device_get(images)[: len(chunk)]
+        if not np.isfinite(images).all():  # never write a grid of NaN images as if it were a sample
+            raise NonFiniteError(
+                "sampling produced NaN/inf pixels: the weights are non-finite or the sampler settings "
+                f"diverge (guidance {guidance}, {opts['sampler']} with {opts['num_steps']} steps)."
+            )
+        out.append(to_uint8(images))
     return np.concatenate(out)

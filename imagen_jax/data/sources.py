@@ -6,8 +6,9 @@ import os
 
 import ml_collections
 
-from imagen_jax.data.folder import FolderSource
+from imagen_jax.data.folder import WHITE, FolderSource
 from imagen_jax.data.shapes_tfds import prepare_shapes
+from imagen_jax.errors import ConfigError
 
 DATASETS = ("shapes", "folder")
 
@@ -26,6 +27,16 @@ def build_source(data: ml_collections.ConfigDict, workdir: str, split: str = "tr
         return builder.as_data_source(split)
     if data.name == "folder":
         if not data.folder:
-            raise ValueError("config.data.name='folder' needs config.data.folder (images + captions.tsv).")
-        return FolderSource(data.folder, data.resolution)
-    raise ValueError(f"config.data.name={data.name!r}: use one of {DATASETS}.")
+            raise ConfigError(
+                "config.data.name='folder' needs config.data.folder (images + captions.tsv), "
+                "e.g. --config.data.folder=/path/to/images"
+            )
+        # .get: configs saved in older checkpoints lack these keys; FolderSource validates the values.
+        return FolderSource(
+            data.folder,
+            data.resolution,
+            background=data.get("background", WHITE),
+            aspect_policy=data.get("aspect_policy", "crop"),
+            max_aspect=data.get("max_aspect", 2.0),
+        )
+    raise ConfigError(f"config.data.name={data.name!r}: use one of {DATASETS}.")

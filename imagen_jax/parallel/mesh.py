@@ -2,7 +2,8 @@
 
 Model code annotates parameters with logical names (`imagen_jax.parallel.axes`); the config holds
 `mesh` (mesh axis names and sizes, -1 = fill with the remaining devices) and `axis_rules` (logical name ->
-mesh axis or None). Everything that places arrays on devices goes through the functions here.
+mesh axis or None), both tuples of pairs so that the command line can override them. Everything that
+places arrays on devices goes through the functions here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import axes
 
 # (logical name, mesh axis or None). The data-parallel default: batch over `data`, parameters replicated.
@@ -41,17 +43,17 @@ def make_mesh(mesh_axes: Sequence[tuple[str, int]], devices: Sequence[Any] | Non
     names = [name for name, _ in mesh_axes]
     sizes = [int(size) for _, size in mesh_axes]
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh {list(mesh_axes)}: at most one axis may have size -1.")
+        raise ConfigError(f"config.mesh {list(mesh_axes)}: at most one axis may have size -1.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh {list(mesh_axes)}: {len(devices)} devices are not divisible by the fixed axis "
                 f"sizes (product {known}). Change the sizes so their product divides {len(devices)}."
             )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh {list(mesh_axes)} needs {math.prod(sizes)} devices but {len(devices)} are "
             "available. Use -1 for one axis to fill the remaining devices."
         )
@@ -59,7 +61,7 @@ def make_mesh(mesh_axes: Sequence[tuple[str, int]], devices: Sequence[Any] | Non
 
 
 def axis_rules(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, str | None], ...]:
-    """Normalises a config rules list (lists from ConfigDict) to the tuple form flax expects."""
+    """Normalises config rules (tuples, or lists from a checkpoint's JSON config) to the form flax expects."""
     if rules is None:
         return DEFAULT_AXIS_RULES
     return tuple((str(name), None if target is None else target) for name, target in rules)
@@ -112,7 +114,7 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, rules: Sequence[Sequenc
     names = _batch_axes(rules)
     shards = batch_shards(mesh, rules)
     if global_batch % shards:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {global_batch} does not divide over the {shards} devices of mesh axes {names} "
             f"(mesh {dict(mesh.shape)}). Set config.train.batch_size to a multiple of {shards}."
         )

@@ -1,26 +1,51 @@
-"""Orbax checkpoints of one cascade stage: the train state plus the config (JSON) it was trained with.
+"""Orbax checkpoints of one cascade stage that are never lost and never silently wrong.
 
-Layout: `<workdir>/checkpoints/<step>/{state,config,data}`; `data` is the input pipeline's iterator
-position, so a resumed run continues the exact example stream instead of replaying or skipping data.
-Restoring places every array directly with the target sharding (any mesh), and a checkpoint that does not
-match the model fails with one message that names the directory and the differing config keys instead
-of a deep Orbax/XLA traceback.
+Layout: `<workdir>/checkpoints/<step>/{state,config,data,integrity}` plus `files.process_<i>.json`; `data`
+is the input pipeline's iterator position (a resumed run continues the exact example stream), `integrity`
+the content digests of every array (`integrity.digest_tree`), and the `files.*` manifests the sizes and
+SHA-256 of the files as written. Writing (`CheckpointWriter`):
+- refuses a state holding NaN/inf, naming the arrays and the last good step;
+- saves asynchronously (Orbax), then hashes the finished files in a background thread;
+- prunes to `keep` checkpoints itself, never deleting the newest read-back (manifested) checkpoint while
+  a newer one is not yet read back.
+Reading (`restore_newest_good`) checks the manifests, loads the arrays directly with the target sharding
+(any mesh), then compares their digests before anything uses them; a damaged checkpoint is named with its
+cause in one line and the previous one is tried. A checkpoint of another architecture is refused with the
+differing config keys.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
+import logging
 import os
+import re
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from imagen_jax.errors import (
+    CheckpointDamagedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    NonFiniteError,
+)
+from imagen_jax.training import integrity
 from imagen_jax.training.state import TrainState
+
+log = logging.getLogger("imagen_jax")
 
 # Config sections that decide the shapes of the checkpointed arrays.
 ARCHITECTURE_KEYS = ("model", "text")
+ITEMS = ("state", "config", "data", "integrity")
+_TENSORSTORE_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
 
 
 def config_to_json_dict(config: ml_collections.ConfigDict) -> dict:
@@ -33,50 +58,132 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(base, "checkpoints")
 
 
-def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, item_names=("state", "config", "data")
-    )
+def damaged_dir(workdir: str) -> str:
+    """Where training moves checkpoints that failed verification: kept for inspection, out of the way."""
+    return os.path.join(os.path.dirname(checkpoint_dir(workdir)), "checkpoints_damaged")
 
 
-def save(
-    manager: ocp.CheckpointManager,
-    state: TrainState,
-    config: ml_collections.ConfigDict,
-    data_state: bytes | None = None,
-) -> None:
-    """Saves asynchronously (training continues while the files are written)."""
-    step = int(jax.device_get(state.step))
-    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_to_json_dict(config)))
-    if data_state is not None:
-        items["data"] = ocp.args.JsonSave({"iterator": data_state.decode()})
-    manager.save(step, args=ocp.args.Composite(**items))
+def make_manager(workdir: str, *, create: bool = True) -> ocp.CheckpointManager:
+    # No max_to_keep: `CheckpointWriter` prunes, so that retention can wait for read-back verification.
+    options = ocp.CheckpointManagerOptions(create=create, read_only=not create)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def restore_data_state(manager: ocp.CheckpointManager, step: int) -> bytes | None:
-    """The input iterator position saved with `step`, or None for checkpoints written without one."""
-    try:
-        saved = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
-    except (FileNotFoundError, KeyError, ValueError):
-        return None
-    return None if saved is None else saved["iterator"].encode()
+def has_checkpoints(workdir: str) -> bool:
+    """Whether `workdir` holds any finished checkpoint (good or damaged)."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return False
+    return bool(make_manager(workdir, create=False).all_steps())
 
 
-def read_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config a checkpoint was trained with (latest step unless given)."""
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"no checkpoints in {directory!r}: train first "
-            f"(python train.py --config ... --workdir {workdir})."
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+
+class CheckpointWriter:
+    """Saves train states of one run; see the module docstring for what each save guarantees."""
+
+    def __init__(self, workdir: str, *, keep: int):
+        self.manager = make_manager(workdir)
+        self.keep = keep
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash")
+        self._hashing: dict[int, concurrent.futures.Future] = {}
+        self._in_flight: int | None = None
+
+    def save(self, state: TrainState, config: ml_collections.ConfigDict, data_state: bytes | None) -> None:
+        """Checks and digests `state` on the devices, then writes it in the background."""
+        step = int(jax.device_get(state.step))
+        digests, nonfinite = integrity.digest_tree(state)
+        if nonfinite:
+            good = self.last_good_step()
+            shown = ", ".join(nonfinite[:4]) + (
+                f" and {len(nonfinite) - 4} more" if len(nonfinite) > 4 else ""
+            )
+            raise NonFiniteError(
+                f"the train state at step {step} holds NaN/inf values ({shown}); it was not saved. "
+                + (
+                    f"The last good checkpoint is step {good} ({_step_dir(self.manager, good)}). "
+                    if good is not None
+                    else "No checkpoint was written yet. "
+                )
+                + "Lower config.optim.learning_rate or enable config.optim.grad_clip, then rerun to resume."
+            )
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config_to_json_dict(config)),
+            integrity=ocp.args.JsonSave({"version": integrity.DIGEST_VERSION, "digests": digests}),
         )
-    manager = make_manager(workdir, keep=1_000_000, create=False)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory!r} holds no finished checkpoint; train first.")
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    return ml_collections.ConfigDict(saved)
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave({"iterator": data_state.decode()})
+        # Orbax first waits for the previous save, so that one is complete on disk once this call returns.
+        self.manager.save(step, args=ocp.args.Composite(**items))
+        self._after_finished(self._in_flight)
+        self._in_flight = step
+
+    def _after_finished(self, step: int | None) -> None:
+        if step is not None:
+            path = _step_dir(self.manager, step)
+            self._hashing[step] = self._hasher.submit(
+                integrity.write_file_manifest, path, jax.process_index()
+            )
+        self._prune()
+
+    def wait(self) -> None:
+        """Blocks until every save is written and read back, then prunes."""
+        self.manager.wait_until_finished()
+        self._after_finished(self._in_flight)
+        self._in_flight = None
+        for future in list(self._hashing.values()):
+            future.result()
+        self._hashing.clear()
+        self._prune()
+
+    def last_good_step(self) -> int | None:
+        steps = [s for s in self.manager.all_steps() if s != self._in_flight]
+        return max(steps, default=None)
+
+    def _prune(self) -> None:
+        if jax.process_index() != 0:
+            return
+        finished = sorted(s for s in self.manager.all_steps() if s != self._in_flight)
+        keep = set(finished[-self.keep :])
+        read_back = [s for s in finished if integrity.has_file_manifest(_step_dir(self.manager, s))]
+        if read_back:
+            keep.add(read_back[-1])  # the newest checkpoint known sound stays until a newer one is
+        for step in finished:
+            future = self._hashing.get(step)
+            if step not in keep and (future is None or future.done()):
+                self.manager.delete(step)
+                self._hashing.pop(step, None)
+
+    def close(self) -> None:
+        self.wait()
+        self._hasher.shutdown()
+        self.manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    state: Any
+    config: ml_collections.ConfigDict  # as saved with the checkpoint
+    data_state: bytes | None
+
+
+def _one_line(err: BaseException) -> str:
+    """The readable cause of an Orbax/TensorStore error in one line: the innermost exception of the chain
+    (TensorStore's status, e.g. 'OUT_OF_RANGE: ... byte range ...'), without the long spec dumps."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__
+    for inner in reversed(chain):
+        status = re.search(rf"({'|'.join(_TENSORSTORE_STATUSES)}): [^\n]*", str(inner))
+        if status:
+            return status.group(0)[:300]
+    inner = chain[-1]
+    text = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+    return f"{type(inner).__name__}: {text[:300]}" if text else type(inner).__name__
 
 
 def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
@@ -88,31 +195,108 @@ def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}: checkpoint {saved!r} vs config {current!r}"]
 
 
-def restore(
-    manager: ocp.CheckpointManager,
-    abstract_state: TrainState,
-    config: ml_collections.ConfigDict,
-    step: int | None = None,
-) -> TrainState:
-    """Restores `step` (default latest) onto the shardings held by `abstract_state` (ShapeDtypeStructs)."""
-    step = manager.latest_step() if step is None else step
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    current = config_to_json_dict(config)
-    diffs = [d for key in ARCHITECTURE_KEYS for d in _differences(saved.get(key), current.get(key), key)]
-    if diffs:
-        raise ValueError(
-            f"checkpoint {manager.directory}/{step} was trained with a different architecture:\n  "
-            + "\n  ".join(diffs)
-            + "\nUse the checkpoint's config (sample.py reads it from the workdir) or a new --workdir."
-        )
+def _restore_item(manager: ocp.CheckpointManager, step: int, name: str, args: Any) -> Any:
     try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+    except Exception as err:  # Orbax/TensorStore raise many types for unreadable files; all mean damage
+        raise CheckpointDamagedError(_step_dir(manager, step), f"{name}: {_one_line(err)}") from err
+
+
+def restore_verified(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_state: Callable[[ml_collections.ConfigDict], Any],
+    config: ml_collections.ConfigDict | None = None,
+) -> Restored:
+    """Restores `step` after checking it; `abstract_state(config)` gives ShapeDtypeStructs with shardings.
+
+    Raises CheckpointDamagedError (unreadable or changed files, digests that differ) or CheckpointError
+    (another architecture than `config`; `config=None` uses the checkpoint's own).
+    """
+    path = _step_dir(manager, step)
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist; steps here: {manager.all_steps()}.")
+    problem = integrity.check_file_manifests(path)
+    if problem:
+        raise CheckpointDamagedError(path, problem)
+    saved_config = _restore_item(manager, step, "config", ocp.args.JsonRestore())
+    if not isinstance(saved_config, dict):
+        raise CheckpointDamagedError(path, "config: not a JSON object")
+    if config is not None:
+        current = config_to_json_dict(config)
+        diffs = [d for k in ARCHITECTURE_KEYS for d in _differences(saved_config.get(k), current.get(k), k)]
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with a different architecture:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse the checkpoint's config (sample.py reads it from the workdir) or a new --workdir."
+            )
+    saved_config = ml_collections.ConfigDict(saved_config)
+    record = _restore_item(manager, step, "integrity", ocp.args.JsonRestore())
+    if not isinstance(record, dict) or record.get("version") != integrity.DIGEST_VERSION:
+        raise CheckpointDamagedError(path, "integrity: no content digests of a known version")
+    structs = abstract_state(config or saved_config)
+    state = _restore_item(manager, step, "state", ocp.args.StandardRestore(structs))
+    mismatches = integrity.digest_mismatches(record["digests"], integrity.digest_tree(state)[0])
+    if mismatches:
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        raise CheckpointDamagedError(path, f"state: {mismatches[0]}{more}")
+    data_state = None
+    if os.path.isdir(os.path.join(path, "data")):
+        data = _restore_item(manager, step, "data", ocp.args.JsonRestore())
+        try:
+            data_state = data["iterator"].encode()
+        except (TypeError, KeyError, AttributeError) as err:
+            raise CheckpointDamagedError(path, "data: no input-pipeline position") from err
+    return Restored(step=step, state=state, config=saved_config, data_state=data_state)
+
+
+def restore_newest_good(
+    workdir: str,
+    abstract_state: Callable[[ml_collections.ConfigDict], Any],
+    config: ml_collections.ConfigDict | None = None,
+    step: int | None = None,
+) -> tuple[Restored, list[CheckpointDamagedError]]:
+    """The newest checkpoint in `workdir` that passes `restore_verified`, and the damaged newer ones.
+
+    Each damaged one is logged as a one-line warning. With `step`, only that checkpoint is tried and its
+    damage is an error. Raises CheckpointNotFoundError when there is none, CheckpointError when none is good.
+    """
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise CheckpointNotFoundError(
+            f"no checkpoints in {directory!r}: train first "
+            f"(python train.py --config ... --workdir {workdir})."
         )
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"checkpoint {manager.directory}/{step} does not match the model ({type(err).__name__}: "
-            f"{str(err)[:500]}). Train a new run in a fresh --workdir or restore with the checkpoint's "
-            "config."
-        ) from err
-    return restored["state"]
+    manager = make_manager(workdir, create=False)
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+        raise CheckpointNotFoundError(f"{directory!r} holds no finished checkpoint; train first.")
+    damaged: list[CheckpointDamagedError] = []
+    for candidate in steps:
+        try:
+            return restore_verified(manager, candidate, abstract_state, config), damaged
+        except CheckpointDamagedError as err:
+            if step is not None:
+                raise CheckpointDamagedError(
+                    err.path, f"{err.cause}. Leave out the step to use the newest good checkpoint."
+                ) from err
+            log.warning("%s; trying the previous checkpoint", err)
+            damaged.append(err)
+    raise CheckpointError(
+        f"no usable checkpoint in {directory}: "
+        + "; ".join(f"{os.path.basename(e.path)}: {e.cause}" for e in damaged)
+        + ". Restore the files from a copy, or start a new --workdir."
+    )
+
+
+def set_aside(workdir: str, damaged: list[CheckpointDamagedError]) -> None:
+    """Moves damaged checkpoints out of `checkpoints/`, so training can save those steps again."""
+    if jax.process_index() != 0 or not damaged:
+        return
+    target = damaged_dir(workdir)
+    os.makedirs(target, exist_ok=True)
+    for err in damaged:
+        dest = os.path.join(target, f"{os.path.basename(err.path)}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(err.path, dest)
+        log.warning("moved damaged checkpoint %s to %s", err.path, dest)

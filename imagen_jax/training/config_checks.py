@@ -1,24 +1,30 @@
-"""Up-front checks of a config's values, so mistakes fail before any compilation with one clear message."""
+"""Up-front checks of a config's values, so mistakes fail before any compilation with one clear message.
+
+Every failure is a `ConfigError` (a ValueError) naming the key; `train.py` prints it as one line.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import ml_collections
 
 from imagen_jax.diffusion import objectives, samplers, schedules
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
+from imagen_jax.errors import ConfigError
 from imagen_jax.models.unet import COMPUTE_DTYPES, compute_dtype
 from imagen_jax.parallel import xla_options
 
 
 def _choice(value: object, allowed: tuple, key: str) -> None:
     if value not in allowed:
-        raise ValueError(f"config.{key}={value!r} is not one of {list(allowed)}.")
+        raise ConfigError(f"config.{key}={value!r} is not one of {list(allowed)}.")
 
 
 def _positive(value: float, key: str, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
+        raise ConfigError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -27,16 +33,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(d.objective, objectives.OBJECTIVES, "diffusion.objective")
     _choice(d.loss_weighting, objectives.WEIGHTINGS, "diffusion.loss_weighting")
     if not 0.0 <= d.caption_dropout < 1.0:
-        raise ValueError(f"config.diffusion.caption_dropout={d.caption_dropout} must be in [0, 1).")
+        raise ConfigError(f"config.diffusion.caption_dropout={d.caption_dropout} must be in [0, 1).")
     if d.logsnr_min >= d.logsnr_max:
-        raise ValueError(
+        raise ConfigError(
             f"config.diffusion.logsnr_min ({d.logsnr_min}) must be < logsnr_max ({d.logsnr_max})."
         )
     _choice(o.name, ("adamw", "adafactor"), "optim.name")
     _choice(o.decay, ("cosine", "constant"), "optim.decay")
     _positive(o.learning_rate, "optim.learning_rate")
     if not 0.0 <= o.ema_decay < 1.0:
-        raise ValueError(f"config.optim.ema_decay={o.ema_decay} must be in [0, 1).")
+        raise ConfigError(f"config.optim.ema_decay={o.ema_decay} must be in [0, 1).")
     _choice(s.sampler, samplers.SAMPLERS, "sample.sampler")
     _choice(s.time_grid, samplers.TIME_GRIDS, "sample.time_grid")
     _choice(s.threshold, THRESHOLD_KINDS, "sample.threshold")
@@ -48,17 +54,36 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key, section in (("data", config.data), ("eval", config.get("eval", {}))):
         p_two = section.get("two_object_prob", 0.0)
         if not 0.0 <= p_two <= 1.0:
-            raise ValueError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
-    for backend, spec in config.get("xla_options", {}).items():
-        xla_options.parse_options(spec, key=f"xla_options.{backend}")
+            raise ConfigError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
+    _check_pairs(config.mesh, "mesh", "(('data', -1),)", _is_mesh_axis)
+    _check_pairs(config.axis_rules, "axis_rules", "(('batch', 'data'), ('embed', None))", _is_rule)
+    mesh_axes = [name for name, _ in config.mesh]
+    for logical, target in config.axis_rules:
+        for name in [target] if isinstance(target, str) else target or ():
+            if name not in mesh_axes:
+                raise ConfigError(
+                    f"config.axis_rules maps {logical!r} to mesh axis {name!r}, which config.mesh="
+                    f"{tuple(map(tuple, config.mesh))!r} does not have; mesh axes: {mesh_axes}."
+                )
+    if t.sample_every and not _is_tuple_of(t.sample_prompts, str, nonempty=True):
+        raise ConfigError(
+            f"config.train.sample_prompts={t.sample_prompts!r} must be a non-empty tuple of strings when "
+            "train.sample_every > 0, e.g. --config.train.sample_prompts=\"('a red circle', '')\"."
+        )
     _choice(config.model.dtype, COMPUTE_DTYPES, "model.dtype")
     _choice(config.model.param_dtype, COMPUTE_DTYPES[1:], "model.param_dtype")
-    xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
+    try:  # xla_options raises plain ValueErrors that already name the key
+        for backend, spec in config.get("xla_options", {}).items():
+            xla_options.parse_options(spec, key=f"xla_options.{backend}")
+        xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    _check_levels(config.model)
     _check_attention(config.model)
     res, patch = config.data.resolution, config.model.patch_size
     factor = patch * 2 ** (len(config.model.channel_mults) - 1)
     if res % factor:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.resolution={res} is not divisible by model.patch_size * 2^(levels-1) = {factor}."
         )
 
@@ -68,7 +93,65 @@ def _check_attention(model: ml_collections.ConfigDict) -> None:
     _choice(impl, ("xla", "cudnn"), "model.attention_impl")
     backend, dtype = jax.default_backend(), compute_dtype(model.dtype)
     if impl == "cudnn" and (backend != "gpu" or dtype not in ("bfloat16", "float16")):
-        raise ValueError(
+        raise ConfigError(
             f"config.model.attention_impl='cudnn' needs an NVIDIA GPU and bf16/fp16 compute (here: "
             f"{backend}, {dtype}); use --config.model.attention_impl=xla."
         )
+
+
+def _is_tuple_of(value: object, kind: type | tuple[type, ...], *, nonempty: bool = False) -> bool:
+    # Lists too: a config read back from a checkpoint's JSON holds lists.
+    return (
+        isinstance(value, (tuple, list))
+        and all(isinstance(v, kind) for v in value)
+        and (bool(value) or not nonempty)
+    )
+
+
+def _is_mesh_axis(pair: object) -> bool:
+    return (
+        isinstance(pair, (tuple, list))
+        and len(pair) == 2
+        and isinstance(pair[0], str)
+        and isinstance(pair[1], int)
+        and not isinstance(pair[1], bool)
+        and (pair[1] >= 1 or pair[1] == -1)
+    )
+
+
+def _is_rule(pair: object) -> bool:
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+        return False
+    # A logical axis maps to None (replicated), a mesh axis, or a tuple of mesh axes.
+    target = pair[1]
+    return target is None or isinstance(target, str) or _is_tuple_of(target, str, nonempty=True)
+
+
+def _check_pairs(value: object, key: str, example: str, ok: Callable[[object], bool]) -> None:
+    """`config.mesh` / `config.axis_rules` are tuples of pairs. A common command-line slip is one pair
+    without the outer tuple (`--config.mesh="('data', 1)"`), which ml_collections accepts as a flat tuple."""
+    if not _is_tuple_of(value, (tuple, list), nonempty=True) or not all(ok(p) for p in value):
+        what = "(axis name, size >= 1 or -1)" if key == "mesh" else "(logical axis, mesh axis or None)"
+        raise ConfigError(
+            f"config.{key}={value!r} must be a non-empty tuple of {what} pairs, e.g. "
+            f'--config.{key}="{example}" (note the trailing comma of a one-pair tuple).'
+        )
+
+
+def _check_levels(model: ml_collections.ConfigDict) -> None:
+    """Per-level settings must match model.channel_mults, so overriding the multipliers alone fails here
+    (naming the keys to change with it) rather than inside the model."""
+    mults = model.channel_mults
+    if not _is_tuple_of(mults, int, nonempty=True) or any(m < 1 for m in mults):
+        raise ConfigError(
+            f"config.model.channel_mults={mults!r} must be a non-empty tuple of positive ints, e.g. "
+            '--config.model.channel_mults="(1, 2, 4)".'
+        )
+    for key in ("num_res_blocks", "self_attention", "cross_attention"):
+        value = model.get(key)
+        if isinstance(value, (tuple, list)) and len(value) != len(mults):
+            raise ConfigError(
+                f"config.model.{key}={tuple(value)!r} has {len(value)} entries but model.channel_mults="
+                f"{tuple(mults)!r} has {len(mults)} levels; override both, e.g. "
+                f'--config.model.{key}="{tuple(value[:1]) * len(mults)!r}".'
+            )

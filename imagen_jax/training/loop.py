@@ -23,10 +23,11 @@ from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.cascade.images import save_grid
 from imagen_jax.data.pipeline import as_str, make_loader
 from imagen_jax.data.sources import build_source
+from imagen_jax.errors import CheckpointError, NonFiniteError
 from imagen_jax.parallel import memory, xla_options
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text.embedding_cache import EmbeddingCache
-from imagen_jax.training import checkpoint
+from imagen_jax.training import checkpoint, preemption
 from imagen_jax.training.config_checks import validate_config
 from imagen_jax.training.progress import MetricWriter, Progress
 from imagen_jax.training.state import TrainState, make_optimizer
@@ -35,7 +36,7 @@ from imagen_jax.training.step import make_train_step
 log = logging.getLogger("imagen_jax")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     pass
 
 
@@ -135,8 +136,41 @@ def compile_train_step(
     return compiled, seconds
 
 
+def initial_state(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stage: stage_lib.Stage,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, Any, bytes | None]:
+    """(state, shardings, input position): restored from the newest checkpoint in `workdir` that verifies
+    (damaged newer ones are named and moved to `checkpoints_damaged/`), or fresh when there is none."""
+    structs, shardings = stage_lib.abstract_train_state(stage, optimizer)
+    if not checkpoint.has_checkpoints(workdir):
+        state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+        return state, shardings, None
+    restored, damaged = checkpoint.restore_newest_good(workdir, lambda _: structs, config)
+    checkpoint.set_aside(workdir, damaged)
+    if restored.data_state is None:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.checkpoint_dir(workdir)}/{restored.step} has no input-pipeline state; "
+            "it cannot be resumed exactly. Start a new --workdir."
+        )
+    log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), restored.step)
+    return restored.state, shardings, restored.data_state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains the stage described by `config`, resuming from the latest checkpoint in `workdir`."""
+    """Trains the stage described by `config`, resuming from the newest good checkpoint in `workdir`.
+
+    SIGTERM/SIGINT (preemption, a scheduler's time limit, Ctrl-C) and `config.train.time_budget_minutes`
+    end the run the same way: the current step finishes, a checkpoint of it is written and read back, and
+    the function returns normally, so rerunning the same command continues exactly.
+    """
+    with preemption.StopRequest() as stop:
+        return _train(config, workdir, stop)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.StopRequest) -> TrainState:
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     cache = xla_options.use_compilation_cache(config, workdir)
@@ -158,30 +192,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         worker_count=config.data.worker_count,
         prefetch=config.data.prefetch * tc.batch_size,
     )
-
-    manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
-    if manager.latest_step() is not None:
-        structs, shardings = stage_lib.abstract_train_state(stage, optimizer)
-        state = checkpoint.restore(manager, structs, config)
-        log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state.step))
-    else:
-        state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+    state, shardings, data_state = initial_state(config, workdir, stage, optimizer)
     start_step = int(jax.device_get(state.step))
+    if stop.requested:  # before any step: nothing newer than the checkpoint to save
+        log.info(
+            "%s before training resumed: stopped at step %d, nothing new to save", stop.requested, start_step
+        )
+        return state
 
     frozen = frozen_inputs(config, stage)
     it = iter(loader)
-    if start_step:
-        data_state = checkpoint.restore_data_state(manager, start_step)
-        if data_state is None:
-            raise ValueError(
-                f"checkpoint {checkpoint.checkpoint_dir(workdir)}/{start_step} has no input-pipeline state; "
-                "it cannot be resumed exactly. Start a new --workdir."
-            )
+    if data_state is not None:
         it.set_state(data_state)
     batch = global_batch(next(it), mesh, config.axis_rules)
     compiled, seconds = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
     log.info("compiled the train step in %.1f s", seconds)
 
+    saver = checkpoint.CheckpointWriter(workdir, keep=tc.keep_checkpoints)
     writer = MetricWriter(os.path.join(workdir, "tensorboard"))
     progress = Progress(total_steps=tc.num_steps, batch_size=tc.batch_size, first_step=start_step)
     budget = tc.time_budget_minutes * 60.0
@@ -189,20 +216,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     nonfinite = jnp.zeros((), jnp.int32)
     last_checked = start_step
     step = start_step
+    stopped_by = None
     pending = []  # device metrics since the last log, fetched only at log time (no per-step host sync)
 
     def check_finite(upto: int) -> None:
         nonlocal last_checked
         if int(jax.device_get(nonfinite)):
+            good = saver.last_good_step()
             raise NonFiniteLossError(
                 f"non-finite loss between steps {last_checked} and {upto}; no checkpoint was written after "
-                f"step {last_checked}. Lower config.optim.learning_rate or enable config.optim.grad_clip, "
-                "then resume (the last good checkpoint is kept)."
+                f"step {last_checked} (the last good checkpoint is step {good}). Lower "
+                "config.optim.learning_rate or enable config.optim.grad_clip, then rerun to resume from it."
             )
         last_checked = upto
 
-    # Whatever stops the loop (done, time budget, non-finite loss, preemption), checkpoints already
-    # started are finished before returning or raising: a save is never lost half-written.
+    # Whatever ends the loop (done, a stop request, non-finite values, an error), saves already started
+    # are written and read back before returning or raising: a save is never lost half-written.
     try:
         while step < tc.num_steps:
             state, metrics = compiled(state, batch, frozen)
@@ -212,8 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step == start_step + 1:
                 jax.block_until_ready(state.step)
                 progress.start(step)
-            out_of_time = budget > 0 and time.perf_counter() - started > budget
-            done = step >= tc.num_steps or out_of_time
+            if budget > 0 and time.perf_counter() - started > budget:
+                stopped_by = f"the time budget of {tc.time_budget_minutes:g} min"
+            stopped_by = stop.requested or stopped_by
+            done = step >= tc.num_steps or stopped_by is not None
             if step % tc.log_every == 0 or done:
                 check_finite(step)
                 fetched = jax.device_get(pending)
@@ -233,8 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 with progress.paused():
                     check_finite(step)
                     # The iterator has yielded exactly `step` batches: the next one feeds step + 1.
-                    checkpoint.save(manager, state, config, it.get_state())
-            if tc.sample_every and (step % tc.sample_every == 0 or done):
+                    saver.save(state, config, it.get_state())
+            # A stop request skips the sample grid: preemption notices leave seconds, not minutes.
+            if tc.sample_every and (step % tc.sample_every == 0 or done) and not stop.requested:
                 with progress.paused():
                     _sample_grid(
                         stage,
@@ -243,11 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         os.path.join(workdir, "samples", f"step_{step:07d}.png"),
                         config.seed,
                     )
-            if out_of_time:
-                log.info("time budget of %.1f min reached at step %d", tc.time_budget_minutes, step)
+            if stopped_by:
                 break
-            if step < tc.num_steps:
-                batch = global_batch(next(it), mesh, config.axis_rules)
+            batch = global_batch(next(it), mesh, config.axis_rules)
+        saver.wait()
         writer.scalars(
             step,
             {
@@ -256,8 +287,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             },
         )
     finally:
-        manager.wait_until_finished()
+        saver.close()
         writer.close()
+    if stopped_by:
+        log.info(
+            "stopped by %s at step %d: checkpoint %s/%d is written and verified; rerun the same command to "
+            "resume",
+            stopped_by,
+            step,
+            checkpoint.checkpoint_dir(workdir),
+            step,
+        )
     log.info(
         "finished at step %d (%.1f s wall, %.1f s in steps)",
         step,
