@@ -35,6 +35,13 @@ def _unset_compilation_cache():
         compilation_cache.reset_cache()
 
 
+@pytest.fixture(scope="session")
+def shared_compilation_cache(tmp_path_factory) -> str:
+    """One persistent compilation cache for runs of the same tiny programs in many workdirs and
+    processes (`config.compilation_cache_dir`), so each compiles once per session, not once per run."""
+    return str(tmp_path_factory.mktemp("compilation_cache"))
+
+
 @pytest.fixture
 def compilation_cache_hits():
     """A list that gets one entry each time JAX loads a program from the persistent compilation cache

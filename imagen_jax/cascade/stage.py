@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from imagen_jax.cascade.images import to_uint8
 from imagen_jax.diffusion import samplers
-from imagen_jax.errors import NonFiniteError
+from imagen_jax.errors import ConfigError, NonFiniteError
 from imagen_jax.models.unet import UNet, unet_from_config
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
@@ -50,7 +50,7 @@ def build_stage(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
     mesh = mesh or mesh_lib.make_mesh(config.mesh)
     text = build_text_encoder(config.text, mesh=mesh, rules=config.axis_rules)
     if config.text.train_jointly and config.text.encoder != "random":
-        raise ValueError(
+        raise ConfigError(
             "config.text.train_jointly=True is only supported for the seeded 'random' encoder; a pretrained "
             f"T5 ({config.text.encoder!r}) stays frozen as in Imagen. Set config.text.train_jointly=False."
         )
@@ -243,7 +243,7 @@ def generate(
     )
     eta = s.eta if eta is None else eta
     if opts["sampler"] not in samplers.SAMPLERS:
-        raise ValueError(f"sampler {opts['sampler']!r}: use one of {samplers.SAMPLERS}.")
+        raise ConfigError(f"sampler {opts['sampler']!r}: use one of {samplers.SAMPLERS}.")
     devices = stage.mesh.devices.size
     batch_size = batch_size or len(prompts)
     batch_size = -(-batch_size // devices) * devices

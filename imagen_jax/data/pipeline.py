@@ -15,6 +15,8 @@ import grain.python as grain
 import jax
 import numpy as np
 
+from imagen_jax.errors import ConfigError
+
 TokenizeFn = Callable[[list[str]], Mapping[str, np.ndarray]]
 _TEXT_KEYS = ("caption", "scene")
 
@@ -79,7 +81,7 @@ def make_loader(
     """
     count = jax.process_count() if shard_by_process else 1
     if batch_size % count:
-        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {count}")
+        raise ConfigError(f"global batch_size {batch_size} is not divisible by process_count {count}")
     per_host = batch_size // count
     if shard_by_process:
         shard = grain.ShardOptions(jax.process_index(), count, drop_remainder=True)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from imagen_jax.errors import ConfigError
 from imagen_jax.models import layers
 from imagen_jax.parallel import axes
 
@@ -34,7 +35,7 @@ def _per_level(value: Any, num_levels: int, name: str) -> tuple:
         return (value,) * num_levels
     value = tuple(value)
     if len(value) != num_levels:
-        raise ValueError(
+        raise ConfigError(
             f"model.{name} has {len(value)} entries but model.channel_mults has {num_levels} levels; "
             "give one value per level (or a single value for all)."
         )
@@ -86,14 +87,14 @@ class UNet(nn.Module):
 
     def _learned_null(self) -> bool:
         if self.null_text not in ("zero", "learned"):
-            raise ValueError(f"model.null_text={self.null_text!r}: use 'zero' or 'learned'.")
+            raise ConfigError(f"model.null_text={self.null_text!r}: use 'zero' or 'learned'.")
         return self.null_text == "learned"
 
     def _heads(self, width: int) -> tuple[int, int]:
         if self.num_heads:
             return self.num_heads, width // self.num_heads
         if width % self.head_dim:
-            raise ValueError(f"model.head_dim={self.head_dim} does not divide the level width {width}.")
+            raise ConfigError(f"model.head_dim={self.head_dim} does not divide the level width {width}.")
         return width // self.head_dim, self.head_dim
 
     def _conditioning(
@@ -298,5 +299,5 @@ def unet_from_config(model_config: ml_collections.ConfigDict) -> UNet:
     known = set(UNet.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"unknown config.model keys {unknown}; allowed keys: {sorted(known)}.")
+        raise ConfigError(f"unknown config.model keys {unknown}; allowed keys: {sorted(known)}.")
     return UNet(**kwargs)

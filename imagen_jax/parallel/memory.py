@@ -12,10 +12,12 @@ from typing import Any
 
 import jax
 
+from imagen_jax.errors import UserError
+
 GIB = 1024**3
 
 
-class DeviceMemoryError(ValueError):
+class DeviceMemoryError(UserError, ValueError):
     """A compiled program cannot fit in device memory with this config."""
 
 

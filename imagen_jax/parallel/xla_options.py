@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental.compilation_cache import compilation_cache
 
+from imagen_jax.errors import ConfigError
+
 OptionValue = bool | int | float | str
 _NAME = re.compile(r"^xla_[a-z0-9_]+$")
 
@@ -40,7 +42,7 @@ def parse_options(spec: str, *, key: str = "xla_options") -> dict[str, OptionVal
     for pair in spec.split():
         name, sep, value = pair.partition("=")
         if not sep or not _NAME.match(name):
-            raise ValueError(
+            raise ConfigError(
                 f"config.{key}: {pair!r} is not an XLA option; write space-separated name=value pairs whose "
                 "names start with 'xla_', e.g. 'xla_cpu_enable_fast_math=false'."
             )
@@ -73,7 +75,7 @@ def _checked(backend: str, spec: str) -> tuple[tuple[str, OptionValue], ...]:
         try:
             jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros(())).compile()
         except Exception as e:  # XLA raises a runtime error type that jax does not export stably
-            raise ValueError(f"config.{key}={spec!r}: XLA refused these options: {e}") from None
+            raise ConfigError(f"config.{key}={spec!r}: XLA refused these options: {e}") from None
     return tuple(options.items())
 
 
@@ -89,7 +91,7 @@ def check_model_dtype(
     backend = backend or jax.default_backend()
     ynn_types = parse_options(_spec(xla_options, backend)).get(_YNN_TYPES)
     if backend == "cpu" and dtype == "bfloat16" and ynn_types:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.dtype='bfloat16' with {_YNN_TYPES} in config.xla_options.cpu crashes XLA's CPU "
             "compiler (jax 0.10.2). On CPU keep model.dtype='float32' (faster here), or drop the option: "
             "--config.xla_options.cpu=''."

@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from imagen_jax.errors import ConfigError, DataError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text.encoder import TextEncoder
 
@@ -86,22 +87,22 @@ class EmbeddingCache:
             )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: cache format {meta.get('format_version')}, expected {FORMAT_VERSION}; "
+            raise DataError(f"{path}: cache format {meta.get('format_version')}, expected {FORMAT_VERSION}; "
                              "rebuild it.")
         keys = np.load(path / "keys.npy")
         lengths = np.load(path / "lengths.npy")
         if len(keys) != meta["count"] or len(lengths) != meta["count"]:
-            raise ValueError(f"{path}: keys/lengths disagree with meta.json count {meta['count']}; rebuild.")
+            raise DataError(f"{path}: keys/lengths disagree with meta.json count {meta['count']}; rebuild.")
         return cls(path, meta, keys, lengths)
 
     def check(self, embed_dim: int | None = None, encoder: str | None = None) -> None:
         """Raises ValueError when the cache was built for another encoder than the one configured."""
         if embed_dim is not None and embed_dim != self.embed_dim:
-            raise ValueError(f"embedding cache {self.path} has embed_dim {self.embed_dim}, model expects "
+            raise ConfigError(f"embedding cache {self.path} has embed_dim {self.embed_dim}, model expects "
                              f"{embed_dim}; rebuild the cache with the configured text encoder.")
         if encoder is not None and encoder != self.meta.get("encoder"):
             built = self.meta.get("encoder")
-            raise ValueError(f"embedding cache {self.path} was built with encoder {built!r}, config says "
+            raise ConfigError(f"embedding cache {self.path} was built with encoder {built!r}, config says "
                              f"{encoder!r}; rebuild it or point the config at the right cache.")
 
     def _read(self, indices: list[int]) -> list[bytes]:

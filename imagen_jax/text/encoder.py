@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text.t5 import T5Config, T5Encoder
 from imagen_jax.text.tokenizers import Tokenizer, make_tokenizer
@@ -35,7 +36,7 @@ def parse_dtype(dtype: Any) -> Any:
     """"float32" / "bfloat16" / a numpy-compatible dtype -> jnp dtype; unknown names raise ValueError."""
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}.")
+            raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}.")
         return _DTYPES[dtype]
     return jnp.dtype(dtype).type
 
@@ -103,7 +104,7 @@ def t5_config_from_dict(t5: Any) -> T5Config:
     values = dict(t5.items()) if hasattr(t5, "items") else dict(t5)
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"text.t5 has unknown keys {unknown}; allowed: {sorted(fields)}.")
+        raise ConfigError(f"text.t5 has unknown keys {unknown}; allowed: {sorted(fields)}.")
     return T5Config(**values)
 
 
@@ -138,7 +139,7 @@ def check_tokenizer_vocab(tokenizer: Tokenizer, cfg: T5Config) -> None:
     hf = getattr(tokenizer, "hf_tokenizer", None)
     size = len(hf) if hf is not None else None
     if size is not None and size > cfg.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {tokenizer!r} has {size} tokens but the T5 vocab_size is {cfg.vocab_size}; "
             "use a tokenizer matching the encoder (ByT5 needs vocab_size >= 384, SentencePiece T5 32128)."
         )

@@ -37,6 +37,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
+from imagen_jax.errors import DataError, InputFileNotFoundError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text.encoder import TextEncoder, check_tokenizer_vocab, parse_dtype
 from imagen_jax.text.t5 import T5Config, T5Encoder
@@ -66,20 +67,20 @@ class SafetensorsFile:
             head = f.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             if n <= 0 or 8 + n > size:
-                raise ValueError(
+                raise DataError(
                     f"{self.path} is not a complete safetensors file ({size} bytes, header length "
                     f"{n}). The download is probably truncated: delete the file and download it again."
                 )
             try:
                 header = json.loads(f.read(n))
             except ValueError as e:
-                raise ValueError(f"{self.path}: unreadable safetensors header ({e}); download again.") from e
+                raise DataError(f"{self.path}: unreadable safetensors header ({e}); download again.") from e
         header.pop("__metadata__", None)
         self.data_start = 8 + n
         self.entries: dict[str, dict[str, Any]] = header
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.data_start + end > size:
-            raise ValueError(
+            raise DataError(
                 f"{self.path} is truncated: its header needs {self.data_start + end} bytes but the file has "
                 f"{size}. Delete the file and download it again."
             )
@@ -95,16 +96,16 @@ class SafetensorsFile:
         cast in chunks of rows straight into its final layout: no full-size temporary."""
         entry = self.entries[name]
         if entry["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}.")
+            raise DataError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}.")
         src = np.dtype(_ST_DTYPES[entry["dtype"]])
         shape = tuple(entry["shape"])
         begin, end = entry["data_offsets"]
         rows = shape[0] if shape else 1
         cols = int(np.prod(shape[1:], dtype=np.int64))
         if (end - begin) != rows * cols * src.itemsize:
-            raise ValueError(f"{self.path}: tensor {name} has {end - begin} bytes, expected shape {shape}.")
+            raise DataError(f"{self.path}: tensor {name} has {end - begin} bytes, expected shape {shape}.")
         if transpose and len(shape) != 2:
-            raise ValueError(f"{self.path}: cannot transpose {name} of shape {shape}.")
+            raise DataError(f"{self.path}: cannot transpose {name} of shape {shape}.")
         out = _aligned_empty((cols, rows) if transpose else (rows, cols), dtype)
         step = max(1, _CHUNK_BYTES // max(1, cols * src.itemsize))  # whole rows per chunk
         buf = np.empty(min(step, rows) * cols * src.itemsize, np.uint8)
@@ -114,7 +115,7 @@ class SafetensorsFile:
                 n = min(step, rows - r0)
                 view = buf[: n * cols * src.itemsize]
                 if f.readinto(memoryview(view)) != view.size:
-                    raise ValueError(f"{self.path}: file ends inside tensor {name}; download it again.")
+                    raise DataError(f"{self.path}: file ends inside tensor {name}; download it again.")
                 chunk = view.view(src).reshape(n, cols)
                 if transpose:
                     out[:, r0 : r0 + n] = chunk.T  # casts to `dtype`
@@ -152,23 +153,23 @@ def resolve_checkpoint(
         except LocalEntryNotFoundError:
             from huggingface_hub.constants import HF_HUB_CACHE
 
-            raise FileNotFoundError(
+            raise InputFileNotFoundError(
                 f"T5 checkpoint {text!r} is not a local folder and not in the Hugging Face cache "
                 f"({cache_dir or HF_HUB_CACHE}). Download it once (encoder files only): hf download {text} "
                 "--include 'config.json' '*.safetensors' '*.safetensors.index.json' 'spiece.model' "
                 "'tokenizer*', or pass the folder path."
             ) from None
-    raise FileNotFoundError(f"T5 checkpoint folder {text} not found; pass a folder holding config.json.")
+    raise InputFileNotFoundError(f"T5 checkpoint folder {text} not found; pass a folder holding config.json.")
 
 
 def read_t5_config(folder: pathlib.Path) -> T5Config:
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a T5 checkpoint folder needs its config.json.")
+        raise InputFileNotFoundError(f"{path} not found: a T5 checkpoint folder needs its config.json.")
     try:
         return T5Config.from_hf_config(json.loads(path.read_text()))
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise DataError(f"{path}: {e}") from e
 
 
 def hf_param_names(config: T5Config) -> dict[tuple[str, ...], tuple[str, bool]]:
@@ -209,7 +210,7 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         "installed (T5EncoderModel.from_pretrained(folder).save_pretrained(out)) or use a revision with "
         "safetensors." if bins else ""
     )
-    raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {folder}.{hint}")
+    raise InputFileNotFoundError(f"no {_SINGLE} or {_INDEX} in {folder}.{hint}")
 
 
 def _check_divisible(path: str, shape: tuple[int, ...], sharding: Any, mesh: Mesh) -> None:
@@ -217,7 +218,7 @@ def _check_divisible(path: str, shape: tuple[int, ...], sharding: Any, mesh: Mes
         names = () if part is None else (part if isinstance(part, tuple) else (part,))
         ways = int(np.prod([mesh.shape[n] for n in names], dtype=np.int64))
         if dim % ways:
-            raise ValueError(
+            raise DataError(
                 f"parameter {path} of shape {shape} cannot be sharded as {sharding.spec}: dimension {dim} "
                 f"is not divisible by {ways} devices of mesh axes {names}. Change the axis rules for it."
             )
@@ -244,14 +245,14 @@ def load_t5_params(
     known = {hf for hf, _ in names.values()} | {"encoder.embed_tokens.weight"}
     unknown = sorted(n for n in files if n.startswith("encoder.") and n not in known)
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"{folder}: encoder tensors {unknown[:5]} do not belong to a T5 encoder with "
             f"feed_forward={config.feed_forward!r} and {config.num_layers} layers; config.json and the "
             "weights disagree (or the architecture is not T5)."
         )
     missing = sorted(hf for hf, _ in names.values() if hf not in files)
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{folder}: tensors {missing[:5]} ({len(missing)} missing) are not in the checkpoint but "
             "config.json needs them; config.json and the weights disagree."
         )
@@ -261,7 +262,7 @@ def load_t5_params(
     # Every check that needs no tensor data runs before the first (possibly gigabyte) read.
     for file in sorted(by_file):
         if not file.is_file():
-            raise FileNotFoundError(
+            raise InputFileNotFoundError(
                 f"shard {file.name} listed in {folder / _INDEX} is missing. The download is incomplete: "
                 f"download {file.name} again (e.g. hf download <repo> {file.name})."
             )
@@ -277,7 +278,7 @@ def load_t5_params(
             want = expected[path].shape
             got = reader.shape(hf)
             if (got[::-1] if transpose else got) != want:
-                raise ValueError(
+                raise DataError(
                     f"{file}: tensor {hf} has shape {got} but config.json ({config}) implies "
                     f"{want[::-1] if transpose else want}. The config and the weights do not match."
                 )

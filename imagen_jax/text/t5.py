@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import axes
 
 FEED_FORWARDS = ("gated-gelu", "relu")
@@ -71,10 +72,12 @@ class T5Config:
 
     def __post_init__(self):
         if self.feed_forward not in FEED_FORWARDS:
-            raise ValueError(f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARDS}.")
+            raise ConfigError(
+                f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARDS}."
+            )
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"T5Config.{name} must be positive, got {getattr(self, name)}.")
+                raise ConfigError(f"T5Config.{name} must be positive, got {getattr(self, name)}.")
 
     @property
     def inner_dim(self) -> int:
@@ -85,7 +88,7 @@ class T5Config:
         """A published size by name: "t5-v1_1-xxl", "google/flan-t5-xl" (FLAN = v1.1 sizes), "t5-small"..."""
         key = name.split("/")[-1].lower().replace("flan-t5-", "t5-v1_1-")
         if key not in _PRESETS:
-            raise ValueError(f"unknown T5 preset {name!r}; known: {sorted(_PRESETS)} (and flan-t5-*).")
+            raise ConfigError(f"unknown T5 preset {name!r}; known: {sorted(_PRESETS)} (and flan-t5-*).")
         vocab, d_model, d_kv, d_ff, heads, layers, ff = _PRESETS[key]
         return cls(vocab, d_model, d_kv, d_ff, heads, layers, ff)
 
@@ -95,20 +98,20 @@ class T5Config:
         model_type = hf.get("model_type", "t5")
         if model_type not in ("t5", "mt5"):
             # UMT5 has a relative bias per layer, LongT5 other attention: different parameter trees.
-            raise ValueError(
+            raise ConfigError(
                 f"model_type={model_type!r} is not supported; only T5 (original, v1.1, FLAN) and mT5 "
                 "encoders load. Use a checkpoint whose config.json has model_type 't5'."
             )
         proj = hf.get("feed_forward_proj", "relu")
         if proj not in FEED_FORWARDS:
-            raise ValueError(
+            raise ConfigError(
                 f"feed_forward_proj={proj!r} is not supported; expected one of {FEED_FORWARDS} "
                 "(original T5 uses 'relu', v1.1 and FLAN 'gated-gelu')."
             )
         required = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
         missing = [k for k in required if k not in hf]
         if missing:
-            raise ValueError(f"T5 config.json lacks keys {missing}.")
+            raise ConfigError(f"T5 config.json lacks keys {missing}.")
         return cls(
             vocab_size=int(hf["vocab_size"]),
             d_model=int(hf["d_model"]),

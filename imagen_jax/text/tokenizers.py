@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from imagen_jax.errors import InputFileNotFoundError
+
 PAD_ID = 0
 EOS_ID = 1
 
@@ -130,7 +132,9 @@ class SentencePieceT5Tokenizer(HFTokenizer):
 
         path = pathlib.Path(spiece_path)
         if not path.is_file():
-            raise FileNotFoundError(f"SentencePiece model {path} not found; pass the path of a spiece.model.")
+            raise InputFileNotFoundError(
+                f"SentencePiece model {path} not found; pass the path of a spiece.model."
+            )
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 os.symlink(path.resolve(), os.path.join(tmp, "spiece.model"))
@@ -150,7 +154,7 @@ def load_hf_tokenizer(folder: str | os.PathLike, max_length: int = 128) -> HFTok
         return HFTokenizer(AutoTokenizer.from_pretrained(str(folder)), max_length, name=str(folder))
     if (folder / "spiece.model").is_file():
         return SentencePieceT5Tokenizer(folder / "spiece.model", max_length)
-    raise FileNotFoundError(
+    raise InputFileNotFoundError(
         f"no tokenizer in {folder}: expected tokenizer.json or spiece.model. Download them with the "
         "checkpoint, or set the tokenizer to a spiece.model path or 'byte'."
     )
@@ -165,6 +169,6 @@ def make_tokenizer(name_or_path: str, max_length: int = 128) -> Tokenizer:
         return SentencePieceT5Tokenizer(path, max_length)
     if path.is_dir():
         return load_hf_tokenizer(path, max_length)
-    raise FileNotFoundError(
+    raise InputFileNotFoundError(
         f"tokenizer {name_or_path!r} is neither 'byte' nor an existing spiece.model file or folder."
     )

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,7 +66,7 @@ def damaged_dir(workdir: str) -> str:
 
 def make_manager(workdir: str, *, create: bool = True) -> ocp.CheckpointManager:
     # No max_to_keep: `CheckpointWriter` prunes, so that retention can wait for read-back verification.
-    options = ocp.CheckpointManagerOptions(create=create, read_only=not create)
+    options = ocp.CheckpointManagerOptions(create=create)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
@@ -133,18 +134,26 @@ class CheckpointWriter:
         self.manager.wait_until_finished()
         self._after_finished(self._in_flight)
         self._in_flight = None
-        for future in list(self._hashing.values()):
-            future.result()
+        for step, future in list(self._hashing.items()):
+            try:
+                future.result()
+            except Exception as err:  # an unreadable new checkpoint must not end the run: keep older ones
+                log.warning(
+                    "checkpoint %s could not be read back after writing (%s); the newest read-back "
+                    "checkpoint before it is kept",
+                    _step_dir(self.manager, step),
+                    _one_line(err),
+                )
         self._hashing.clear()
         self._prune()
 
     def last_good_step(self) -> int | None:
-        steps = [s for s in self.manager.all_steps() if s != self._in_flight]
+        """The newest step saved or being saved (every save passed the finite check first)."""
+        steps = set(self.manager.all_steps()) | ({self._in_flight} if self._in_flight is not None else set())
         return max(steps, default=None)
 
     def _prune(self) -> None:
-        if jax.process_index() != 0:
-            return
+        # Every process decides alike (same files) and calls Orbax's delete, which syncs the processes.
         finished = sorted(s for s in self.manager.all_steps() if s != self._in_flight)
         keep = set(finished[-self.keep :])
         read_back = [s for s in finished if integrity.has_file_manifest(_step_dir(self.manager, s))]
@@ -180,7 +189,7 @@ def _one_line(err: BaseException) -> str:
     for inner in reversed(chain):
         status = re.search(rf"({'|'.join(_TENSORSTORE_STATUSES)}): [^\n]*", str(inner))
         if status:
-            return status.group(0)[:300]
+            return status.group(0)[:500]
     inner = chain[-1]
     text = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
     return f"{type(inner).__name__}: {text[:300]}" if text else type(inner).__name__
@@ -195,11 +204,31 @@ def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}: checkpoint {saved!r} vs config {current!r}"]
 
 
+def _silence_aborted_reads() -> None:
+    """After a failed restore, TensorStore still completes the reads already in flight and reports each to
+    Orbax's event loop, which the failure closed: hundreds of 'Event loop is closed' tracebacks through
+    `sys.unraisablehook`. Drop exactly those (the failure itself is reported once, by us)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
 def _restore_item(manager: ocp.CheckpointManager, step: int, name: str, args: Any) -> Any:
     try:
         return manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
     except Exception as err:  # Orbax/TensorStore raise many types for unreadable files; all mean damage
-        raise CheckpointDamagedError(_step_dir(manager, step), f"{name}: {_one_line(err)}") from err
+        _silence_aborted_reads()
+        path = _step_dir(manager, step)
+        cause = _one_line(err).replace(f'local file "{path}/', 'file "')  # paths relative to the checkpoint
+        raise CheckpointDamagedError(path, f"{name}: {cause}") from err
 
 
 def restore_verified(
@@ -232,6 +261,8 @@ def restore_verified(
                 + "\nUse the checkpoint's config (sample.py reads it from the workdir) or a new --workdir."
             )
     saved_config = ml_collections.ConfigDict(saved_config)
+    if not os.path.isdir(os.path.join(path, "integrity")):
+        raise CheckpointDamagedError(path, "integrity/ is missing: no content digests to verify against")
     record = _restore_item(manager, step, "integrity", ocp.args.JsonRestore())
     if not isinstance(record, dict) or record.get("version") != integrity.DIGEST_VERSION:
         raise CheckpointDamagedError(path, "integrity: no content digests of a known version")

@@ -23,7 +23,7 @@ from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.cascade.images import save_grid
 from imagen_jax.data.pipeline import as_str, make_loader
 from imagen_jax.data.sources import build_source
-from imagen_jax.errors import CheckpointError, NonFiniteError
+from imagen_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from imagen_jax.parallel import memory, xla_options
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text.embedding_cache import EmbeddingCache
@@ -75,7 +75,7 @@ def text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object,
     if not config.text.embedding_cache:
         return stage.text.tokenizer
     if config.text.train_jointly:
-        raise ValueError(
+        raise ConfigError(
             "config.text.embedding_cache needs a frozen encoder: set config.text.train_jointly=False."
         )
     path = config.text.embedding_cache_dir or os.path.join(workdir, "text_cache")
@@ -159,15 +159,20 @@ def initial_state(
     return restored.state, shardings, restored.data_state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
     """Trains the stage described by `config`, resuming from the newest good checkpoint in `workdir`.
 
     SIGTERM/SIGINT (preemption, a scheduler's time limit, Ctrl-C) and `config.train.time_budget_minutes`
     end the run the same way: the current step finishes, a checkpoint of it is written and read back, and
-    the function returns normally, so rerunning the same command continues exactly.
+    the function returns normally, so rerunning the same command continues exactly. A signal before the
+    first step (data, restore, compilation) ends the run at once; then it returns None.
     """
     with preemption.StopRequest() as stop:
-        return _train(config, workdir, stop)
+        try:
+            return _train(config, workdir, stop)
+        except preemption.StoppedBeforeTraining as stopped:
+            log.info("%s before training started: stopped, nothing new to save", stopped)
+            return None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.StopRequest) -> TrainState:
@@ -194,11 +199,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     )
     state, shardings, data_state = initial_state(config, workdir, stage, optimizer)
     start_step = int(jax.device_get(state.step))
-    if stop.requested:  # before any step: nothing newer than the checkpoint to save
-        log.info(
-            "%s before training resumed: stopped at step %d, nothing new to save", stop.requested, start_step
-        )
-        return state
 
     frozen = frozen_inputs(config, stage)
     it = iter(loader)
@@ -218,6 +218,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     step = start_step
     stopped_by = None
     pending = []  # device metrics since the last log, fetched only at log time (no per-step host sync)
+    stop.training()
 
     def check_finite(upto: int) -> None:
         nonlocal last_checked

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from imagen_jax.errors import ConfigError
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -41,7 +43,7 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [max(warmup, 1)]
         )
-    raise ValueError(f"config.optim.decay={optim.decay!r}: use 'cosine' or 'constant'.")
+    raise ConfigError(f"config.optim.decay={optim.decay!r}: use 'cosine' or 'constant'.")
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
@@ -51,7 +53,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
     elif optim.name == "adafactor":
         opt = optax.adafactor(schedule, weight_decay_rate=optim.weight_decay or None)
     else:
-        raise ValueError(f"config.optim.name={optim.name!r}: use 'adamw' or 'adafactor'.")
+        raise ConfigError(f"config.optim.name={optim.name!r}: use 'adamw' or 'adafactor'.")
     if optim.grad_clip:
         opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
     return opt
