@@ -17,6 +17,7 @@ from imagen_jax.parallel import memory
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import checkpoint_integrity  # noqa: E402
 import common  # noqa: E402
 import sampling  # noqa: E402
 import train_step  # noqa: E402
@@ -76,6 +77,21 @@ def test_sampling_benchmark_rows():
 class _Device:
     def __init__(self, kind):
         self.device_kind = kind
+
+
+def test_checkpoint_integrity_benchmark_measures_and_plans(tmp_path):
+    config = get_config("tiny")
+    measured = checkpoint_integrity.measure(config, str(tmp_path / "run"))
+    assert measured["checkpoint_bytes_on_disk"] > 0 and measured["restore_verified_seconds"] > 0
+    assert measured["digest_seconds_median"] > 0 and measured["manifest_seconds"] > 0
+    planned = checkpoint_integrity.plan(config)
+    assert planned["state_bytes"] == measured["state_bytes"] and planned["arrays"] == measured["arrays"]
+    # Reading the state once is the floor of what XLA's cost analysis counts.
+    floor, counted = (
+        planned[k]["H100 SXM"]
+        for k in ("digest_seconds_reading_the_state_once", "digest_seconds_xla_cost_analysis")
+    )
+    assert 0 < floor <= counted
 
 
 def test_peak_flops_table():
