@@ -76,11 +76,11 @@ def test_malformed_caption_lines_raise_data_error(tmp_path, name, content, line)
         FolderSource(tmp_path, 16)
 
 
-def test_missing_folder_and_captions_are_file_not_found_data_errors(tmp_path):
+def test_missing_folder_and_captions_are_file_not_found_user_errors(tmp_path):
     for root in (tmp_path / "nope", tmp_path):
         with pytest.raises(FileNotFoundError) as e:
             FolderSource(root, 16)
-        assert isinstance(e.value, DataError)
+        assert isinstance(e.value, UserError)  # one line from the command-line tools
 
 
 def test_no_usable_images_is_data_error(tmp_path):

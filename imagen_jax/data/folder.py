@@ -27,16 +27,14 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from imagen_jax.errors import ConfigError, DataError
+from imagen_jax.errors import ConfigError, DataError, InputFileNotFoundError
+
+log = logging.getLogger("imagen_jax")
 
 CAPTION_FILES = ("captions.tsv", "captions.jsonl")
 ASPECT_POLICIES = ("crop", "pad", "skip")
 WHITE = (255, 255, 255)
 MAX_NAMES_LOGGED = 20  # a folder with thousands of bad files should not flood the log
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """The data folder or its captions file is missing (catchable as FileNotFoundError too)."""
 
 
 def _read_captions(path: pathlib.Path) -> list[tuple[str, str]]:
@@ -200,14 +198,14 @@ class FolderSource:
         self.background = check_folder_options(background, aspect_policy, max_aspect)
         self.aspect_policy, self.max_aspect = aspect_policy, max_aspect
         if not self.root.is_dir():
-            raise DataNotFoundError(
+            raise InputFileNotFoundError(
                 f"image folder {self.root} does not exist; expected a folder holding images and "
                 f"{' or '.join(CAPTION_FILES)}"
             )
         names = [captions_file] if captions_file else list(CAPTION_FILES)
         found = [self.root / n for n in names if (self.root / n).is_file()]
         if not found:
-            raise DataNotFoundError(
+            raise InputFileNotFoundError(
                 f"no captions file in {self.root}: expected {' or '.join(names)} "
                 "('filename<TAB>caption' lines, or JSON lines {\"file\": ..., \"caption\": ...})"
             )
@@ -244,7 +242,7 @@ class FolderSource:
             aspect_skipped=aspect_skipped,
         )
         changed = bad or composited or cropped or padded or aspect_skipped
-        logging.log(
+        log.log(
             logging.WARNING if changed else logging.INFO,
             self.report.summary(self.root, self.background, aspect_policy, max_aspect),
         )

@@ -72,12 +72,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     _choice(config.model.dtype, COMPUTE_DTYPES, "model.dtype")
     _choice(config.model.param_dtype, COMPUTE_DTYPES[1:], "model.param_dtype")
-    try:  # xla_options raises plain ValueErrors that already name the key
-        for backend, spec in config.get("xla_options", {}).items():
-            xla_options.parse_options(spec, key=f"xla_options.{backend}")
-        xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    for backend, spec in config.get("xla_options", {}).items():
+        xla_options.parse_options(spec, key=f"xla_options.{backend}")
+    xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
     _check_levels(config.model)
     _check_attention(config.model)
     res, patch = config.data.resolution, config.model.patch_size

@@ -224,10 +224,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
         nonlocal last_checked
         if int(jax.device_get(nonfinite)):
             good = saver.last_good_step()
+            kept = f"the last good checkpoint is step {good}" if good is not None else "none written yet"
             raise NonFiniteLossError(
                 f"non-finite loss between steps {last_checked} and {upto}; no checkpoint was written after "
-                f"step {last_checked} (the last good checkpoint is step {good}). Lower "
-                "config.optim.learning_rate or enable config.optim.grad_clip, then rerun to resume from it."
+                f"step {last_checked} ({kept}). Lower config.optim.learning_rate or enable "
+                "config.optim.grad_clip, then rerun to resume from it."
             )
         last_checked = upto
 
@@ -278,7 +279,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
                     )
             if stopped_by:
                 break
-            batch = global_batch(next(it), mesh, config.axis_rules)
+            if step < tc.num_steps:
+                batch = global_batch(next(it), mesh, config.axis_rules)
         saver.wait()
         writer.scalars(
             step,
