@@ -28,7 +28,7 @@ flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sample.num_
 flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).")
 flags.DEFINE_enum("threshold", None, THRESHOLD_KINDS, "Thresholding (default: config.sample.threshold).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest that verifies).")
 flags.DEFINE_string("out", "grid.png", "Output PNG path.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["workdir"])
