@@ -175,7 +175,6 @@ class CheckpointWriter:
 class Restored:
     step: int
     state: Any
-    config: ml_collections.ConfigDict  # as saved with the checkpoint
     data_state: bytes | None
 
 
@@ -279,7 +278,7 @@ def restore_verified(
             data_state = data["iterator"].encode()
         except (TypeError, KeyError, AttributeError) as err:
             raise CheckpointDamagedError(path, "data: no input-pipeline position") from err
-    return Restored(step=step, state=state, config=saved_config, data_state=data_state)
+    return Restored(step=step, state=state, data_state=data_state)
 
 
 def restore_newest_good(

@@ -63,7 +63,7 @@ def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(lanes), finite
 
 
-def leaf_paths(tree: Any) -> list[str]:
+def _leaf_paths(tree: Any) -> list[str]:
     """'params/unet/Conv_0/kernel'-style names of the leaves of `tree`, in leaf order."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
     return ["/".join(_key_name(k) for k in path) for path, _ in paths]
@@ -82,7 +82,7 @@ def digest_tree(tree: Any) -> tuple[dict[str, str], list[str]]:
     One device program and one small host transfer; call it where the host waits anyway (a save).
     """
     pairs = jax.device_get([_leaf_digest(x) for x in jax.tree.leaves(tree)])
-    paths = leaf_paths(tree)
+    paths = _leaf_paths(tree)
     record = {p: "".join(f"{int(w):08x}" for w in d) for p, (d, _) in zip(paths, pairs, strict=True)}
     return record, [p for p, (_, ok) in zip(paths, pairs, strict=True) if not bool(ok)]
 

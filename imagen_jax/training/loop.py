@@ -144,10 +144,10 @@ def initial_state(
 ) -> tuple[TrainState, Any, bytes | None]:
     """(state, shardings, input position): restored from the newest checkpoint in `workdir` that verifies
     (damaged newer ones are named and moved to `checkpoints_damaged/`), or fresh when there is none."""
-    structs, shardings = stage_lib.abstract_train_state(stage, optimizer)
     if not checkpoint.has_checkpoints(workdir):
         state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
         return state, shardings, None
+    structs, shardings = stage_lib.abstract_train_state(stage, optimizer)
     restored, damaged = checkpoint.restore_newest_good(workdir, lambda _: structs, config)
     checkpoint.set_aside(workdir, damaged)
     if restored.data_state is None:
