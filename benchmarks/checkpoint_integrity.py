@@ -25,9 +25,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.training import checkpoint, integrity
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import checkpoint, integrity
+from imagen_jax.training import state as state_lib
 from imagen_jax.training.state import make_optimizer
 
 FLAGS = flags.FLAGS
@@ -46,8 +47,8 @@ def _state(config, compile_only: bool):
     stage = stage_lib.build_stage(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.num_steps)
     if compile_only:
-        return stage_lib.abstract_train_state(stage, optimizer)[0]
-    return stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))[0]
+        return state_lib.abstract_train_state(stage, optimizer)[0]
+    return state_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))[0]
 
 
 def sha256_bytes_per_second(size: int = 256 << 20) -> float:
@@ -110,7 +111,9 @@ def measure(config, workdir: str) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     writer = checkpoint.CheckpointWriter(workdir, keep=2)
     t0 = time.perf_counter()
-    writer.save(state, config, None)  # digest + the synchronous part of Orbax's async save
+    writer.save(
+        int(state.step), state_lib.to_items(state), config, None
+    )  # digest + the synchronous part of Orbax's async save
     save_blocking = time.perf_counter() - t0
     writer.manager.wait_until_finished()
     written = time.perf_counter() - t0
@@ -127,7 +130,7 @@ def measure(config, workdir: str) -> dict:
     integrity.check_file_manifests(step_dir)
     check_files = time.perf_counter() - t0
     t0 = time.perf_counter()
-    checkpoint.restore_verified(manager, int(state.step), lambda _: structs, config)
+    checkpoint.restore_verified(manager, int(state.step), lambda _: state_lib.to_items(structs), config)
     restore = time.perf_counter() - t0
     return {
         "state_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),

@@ -18,9 +18,9 @@ import common
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.data.pipeline import make_loader, measure_throughput
 from imagen_jax.data.sources import build_source
+from imagen_jax.stage import build as stage_lib
 from imagen_jax.training.loop import text_inputs
 
 FLAGS = flags.FLAGS

@@ -22,8 +22,10 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.diffusion import samplers
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import sampling
+from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
 
 FLAGS = flags.FLAGS
@@ -36,13 +38,13 @@ PROMPTS = ("a red circle", "a blue square", "")
 def benchmark(config, sampler_names, steps: int, guidance: float, batch: int, iters: int) -> list[dict]:
     validate_config(config)
     stage = stage_lib.build_stage(config)
-    state, _ = stage_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(config.seed))
+    state, _ = state_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(config.seed))
     stage = dataclasses.replace(stage, params=state.ema_params)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     rows = []
     for name in sampler_names:
         opts = dict(guidance=guidance, sampler=name, num_steps=steps, rng=jax.random.PRNGKey(0))
-        run = functools.partial(stage_lib.generate, stage, prompts, **opts)
+        run = functools.partial(sampling.generate, stage, prompts, **opts)
         t0 = time.perf_counter()
         run()
         first = time.perf_counter() - t0

@@ -20,6 +20,7 @@ HFU the FLOPs the hardware executed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -29,24 +30,29 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.parallel import memory
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
-from imagen_jax.training.loop import compile_train_step, frozen_inputs, global_batch
+from imagen_jax.training.loop import compile_train_step, frozen_inputs, global_batch, train_step_fn
 from imagen_jax.training.state import make_optimizer
-from imagen_jax.training.step import make_train_step
 
 FLAGS = flags.FLAGS
 
 
 def synthetic_batch(config, stage: stage_lib.Stage, text: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """A host batch shaped like the input pipeline's: images in [-1, 1] and text of random lengths."""
+    """A host batch shaped like the input pipeline's: images in [-1, 1] (at the training crop size, with
+    the matching low-res input for a super-resolution stage) and text of random lengths."""
     rng = np.random.default_rng(seed)
-    b, res, length = config.train.batch_size, config.data.resolution, stage.text.max_length
+    b, length = config.train.batch_size, stage.text.max_length
+    res = config.data.get("crop_resolution", 0) or stage.resolution
     lengths = rng.integers(length // 2, length + 1, size=b)
     mask = np.arange(length)[None, :] < lengths[:, None]
     batch = {"image": rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32), "text_mask": mask}
+    if stage.lowres_resolution:
+        low = res * stage.lowres_resolution // stage.resolution
+        batch["lowres"] = rng.uniform(-1, 1, (b, low, low, 3)).astype(np.float32)
     if text == "ids":
         batch["text_ids"] = np.where(mask, rng.integers(3, 259, (b, length)), 0).astype(np.int32)
     else:
@@ -58,8 +64,8 @@ def synthetic_batch(config, stage: stage_lib.Stage, text: str, seed: int = 0) ->
 def model_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen) -> float | None:
     """FLOPs of one step of the model as defined, without recomputation: XLA's count of the lowered
     (unoptimised) step with `remat` off, which is within ~2% of the compiled count on the configs tried."""
-    unet = stage.unet.clone(remat=False)
-    lowered = jax.jit(make_train_step(config, unet, stage.text.module, optimizer)).lower(state, batch, frozen)
+    plain = dataclasses.replace(stage, unet=stage.unet.clone(remat=False))
+    lowered = jax.jit(train_step_fn(config, plain, optimizer)).lower(state, batch, frozen)
     return common.cost_flops(lowered)
 
 
@@ -116,9 +122,9 @@ def benchmark(
     # Progress lines, so a run stopped at a time limit still says how far it got.
     t0 = time.perf_counter()
     if compile_only:
-        state, shardings = stage_lib.abstract_train_state(stage, optimizer)
+        state, shardings = state_lib.abstract_train_state(stage, optimizer)
     else:
-        state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+        state, shardings = state_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
     print(
         f"train state ready in {time.perf_counter() - t0:.1f} s; compiling the step at batch "
         f"{config.train.batch_size}...",

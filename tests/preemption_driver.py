@@ -14,7 +14,8 @@ import signal
 import sys
 
 from configs.shapes import get_config
-from imagen_jax.training import checkpoint, loop
+from imagen_jax.stage import checkpoint
+from imagen_jax.training import loop
 
 
 def main(workdir: str, data_dir: str, num_steps: str, mode: str, cache_dir: str) -> None:
@@ -42,9 +43,9 @@ def main(workdir: str, data_dir: str, num_steps: str, mode: str, cache_dir: str)
     if kind in ("term_in_save", "term_twice"):
         real_save = checkpoint.CheckpointWriter.save
 
-        def save_then_term(self, state, cfg, data_state=None):
-            real_save(self, state, cfg, data_state)
-            if int(state.step) == at:
+        def save_then_term(self, step, arrays, cfg, data_state=None):
+            real_save(self, step, arrays, cfg, data_state)
+            if step == at:
                 term()
 
         checkpoint.CheckpointWriter.save = save_then_term

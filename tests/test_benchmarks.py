@@ -11,14 +11,16 @@ import pytest
 
 from configs import bench_small, bench_tiny, imagen_base64
 from configs.shapes import get_config
-from imagen_jax.cascade import stage as stage_lib
-from imagen_jax.models.unet import unet_from_config
 from imagen_jax.parallel import memory
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import sampling as stage_sampling
+from imagen_jax.training import state as state_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import checkpoint_integrity  # noqa: E402
 import common  # noqa: E402
+import param_counts  # noqa: E402
 import sampling  # noqa: E402
 import train_step  # noqa: E402
 import vs_imagen_pytorch  # noqa: E402
@@ -117,16 +119,8 @@ def test_bench_configs_match_the_issue():
 def test_paper_base_unet_config_is_the_papers_size(variant):
     """The 64x64 base U-Net of the paper (~2B parameters), counted from shapes alone (nothing allocated)."""
     config = imagen_base64.get_config(variant)
-    unet = unet_from_config(config.model)
-    b, length, width, res = 1, config.text.max_length, 4096, config.data.resolution
-    inputs = (
-        jax.ShapeDtypeStruct((b, res, res, 3), "float32"),
-        jax.ShapeDtypeStruct((b,), "float32"),
-        jax.ShapeDtypeStruct((b, length, width), "float32"),
-        jax.ShapeDtypeStruct((b, length), "bool"),
-    )
-    params = jax.eval_shape(lambda *x: unet.init(jax.random.PRNGKey(0), *x)["params"], *inputs)
-    assert sum(x.size for x in jax.tree.leaves(params)) == 2_121_910_275
+    width, res = param_counts.T5_XXL_WIDTH, config.data.resolution
+    assert param_counts.unet_param_count(config) == 2_121_910_275
     m = config.model
     assert (m.channels, tuple(m.channel_mults), m.num_res_blocks, m.head_dim) == (512, (1, 2, 3, 4), 3, 64)
     assert tuple(m.self_attention) == tuple(m.cross_attention) == (False, True, True, True)  # 32, 16, 8
@@ -155,16 +149,16 @@ def test_imagen_pytorch_spec_mirrors_the_config():
 def test_sampling_compiles_once_per_shape_sampler_and_steps():
     config = get_config("tiny")
     stage = stage_lib.build_stage(config)
-    state, _ = stage_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(0))
+    state, _ = state_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(0))
     stage = dataclasses.replace(stage, params=state.ema_params)
     prompts = ["a red circle", ""]
 
     def run(**kw):
         opts = dict(rng=jax.random.PRNGKey(1), sampler="ddim", num_steps=2, guidance=1.0) | kw
-        return stage_lib.generate(stage, prompts, **opts)
+        return stage_sampling.generate(stage, prompts, **opts)
 
     run()
-    program = stage_lib.sample_program(config)
+    program = stage_sampling.sample_program(config.xla_options)
     compiled = program._cache_size()
     run(guidance=3.0, eta=0.5, rng=jax.random.PRNGKey(2))  # traced arguments: no new program
     assert program._cache_size() == compiled

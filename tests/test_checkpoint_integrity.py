@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from configs.shapes import get_config
-from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.errors import CheckpointDamagedError, CheckpointError, NonFiniteError
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.training import checkpoint, integrity, loop
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import checkpoint, integrity, sampling
+from imagen_jax.training import loop
+from imagen_jax.training import state as state_lib
 from imagen_jax.training.state import TrainState, make_optimizer
 
 
@@ -41,7 +43,8 @@ def finished_run(tmp_path_factory):
 
 def _structs(config):
     stage = stage_lib.build_stage(config)
-    return stage_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))[0]
+    structs = state_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))[0]
+    return state_lib.to_items(structs)
 
 
 # --- content digests ----------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ def test_digests_name_the_non_finite_arrays():
 def _array_files(step_dir):
     """Every array data file: damage to all of them reaches the arrays (OCDBT may leave a data file that
     no array reads, whose damage a restore would rightly never see)."""
-    return glob.glob(f"{step_dir}/state/ocdbt.process_*/d/*")
+    return glob.glob(f"{step_dir}/ema_params/ocdbt.process_*/d/*")
 
 
 def _truncate(path):
@@ -112,38 +115,40 @@ def _empty(path):
     open(path, "w").close()
 
 
+# Array data is damaged in the EMA weights (what sampling reads), metadata in the optimizer's item (a tree
+# of optax states that Orbax cannot rebuild without it; a plain dict of weights restores without it).
 DAMAGE = {
     "truncated array data": lambda d: [_truncate(f) for f in _array_files(d)],
     "zeroed array data": lambda d: [_zero(f) for f in _array_files(d)],
     "flipped array bytes": lambda d: [_flip(f) for f in _array_files(d)],
-    "emptied array metadata": lambda d: _empty(f"{d}/state/_METADATA"),
-    "emptied OCDBT manifest": lambda d: _empty(f"{d}/state/manifest.ocdbt"),
-    "deleted array metadata": lambda d: os.remove(f"{d}/state/_METADATA"),
+    "emptied array metadata": lambda d: _empty(f"{d}/train/_METADATA"),
+    "emptied OCDBT manifest": lambda d: _empty(f"{d}/train/manifest.ocdbt"),
+    "deleted array metadata": lambda d: os.remove(f"{d}/train/_METADATA"),
     "emptied config": lambda d: _empty(f"{d}/config/metadata"),
     "deleted config": lambda d: os.remove(f"{d}/config/metadata"),
     "deleted digests": lambda d: shutil.rmtree(f"{d}/integrity"),
 }
 # What names the damage: the file manifest (fast, exact file) when present, else the restore itself.
 WITH_MANIFEST = {
-    "truncated array data": r"state/ocdbt.process_0/d/\w+ is \d+ bytes, \d+ when written",
-    "zeroed array data": r"state/ocdbt.process_0/d/\w+ changed after it was written",
-    "flipped array bytes": r"state/ocdbt.process_0/d/\w+ changed after it was written",
-    "emptied array metadata": r"state/_METADATA is 0 bytes",
-    "emptied OCDBT manifest": r"state/manifest.ocdbt is 0 bytes",
-    "deleted array metadata": r"state/_METADATA is missing",
+    "truncated array data": r"ema_params/ocdbt.process_0/d/\w+ is \d+ bytes, \d+ when written",
+    "zeroed array data": r"ema_params/ocdbt.process_0/d/\w+ changed after it was written",
+    "flipped array bytes": r"ema_params/ocdbt.process_0/d/\w+ changed after it was written",
+    "emptied array metadata": r"train/_METADATA is 0 bytes",
+    "emptied OCDBT manifest": r"train/manifest.ocdbt is 0 bytes",
+    "deleted array metadata": r"train/_METADATA is missing",
     "emptied config": r"config/metadata is 0 bytes",
     "deleted config": r"config/metadata is missing",
     "deleted digests": r"integrity/\S+ is missing",
 }
 WITHOUT_MANIFEST = {
-    "truncated array data": r"state: OUT_OF_RANGE: Error reading .* byte range",
-    "zeroed array data": r"state: \w+: Error reading",
+    "truncated array data": r"ema_params: OUT_OF_RANGE: Error reading .* byte range",
+    "zeroed array data": r"ema_params: \w+: Error reading",
     # Flipped bytes inside compressed chunks either decode to other values (the digests catch them) or
     # fail to decode: both are named.
-    "flipped array bytes": r"state: ([\w/]+: content differs from the saved|\w+: Error reading)",
-    "emptied array metadata": r"state: JSONDecodeError",
-    "emptied OCDBT manifest": r"state: DATA_LOSS: .*manifest.ocdbt",
-    "deleted array metadata": r"state: \w+",
+    "flipped array bytes": r"ema_params: ([\w/]+: content differs from the saved|\w+: Error reading)",
+    "emptied array metadata": r"train: JSONDecodeError",
+    "emptied OCDBT manifest": r"train: DATA_LOSS: .*manifest.ocdbt",
+    "deleted array metadata": r"train: \w+",
     "emptied config": r"config: JSONDecodeError",
     "deleted config": r"config: FileNotFoundError",
     "deleted digests": r"integrity/ is missing: no content digests",
@@ -185,7 +190,7 @@ def test_training_resumes_past_a_damaged_checkpoint_and_sets_it_aside(finished_r
     workdir = _damaged_copy(root, "resume", "flipped array bytes", manifest=False)
     with caplog.at_level(logging.WARNING, logger="imagen_jax"):
         state = loop.train_and_evaluate(config, str(workdir))
-    assert any("checkpoints/4 is damaged: state: " in r.getMessage() for r in caplog.records)
+    assert any("checkpoints/4 is damaged: ema_params: " in r.getMessage() for r in caplog.records)
     assert len(os.listdir(workdir / "checkpoints_damaged")) == 1
     assert int(state.step) == 4
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(final), strict=True):
@@ -199,12 +204,27 @@ def test_sampling_falls_back_unless_the_step_was_asked_for(finished_run, caplog)
     with caplog.at_level(logging.WARNING, logger="imagen_jax"):
         stage = stage_lib.load_stage(str(workdir))
     assert any("checkpoints/4 is damaged" in r.getMessage() for r in caplog.records)
-    images = stage_lib.generate(stage, ["a red circle"], rng=jax.random.PRNGKey(0), num_steps=2)
+    images = sampling.generate(stage, ["a red circle"], rng=jax.random.PRNGKey(0), num_steps=2)
     assert images.dtype == np.uint8
     with pytest.raises(CheckpointDamagedError, match=r"checkpoints/4 is damaged: .* Leave out the step"):
         stage_lib.load_stage(str(workdir), step=4)
     assert stage_lib.load_stage(str(workdir), step=2).params is not None
     assert os.path.isdir(workdir / "checkpoints" / "4")  # sampling never moves files
+
+
+def test_sampling_reads_only_the_ema_weights(finished_run):
+    """With the optimizer item gone (and no manifest to notice it), sampling still loads step 4's EMA
+    weights, exactly those training saved; training needs the whole state and falls back."""
+    root, config, final = finished_run
+    workdir = root / "no_optimizer"
+    shutil.copytree(root / "run", workdir)
+    os.remove(workdir / "checkpoints" / "4" / "files.process_0.json")
+    shutil.rmtree(workdir / "checkpoints" / "4" / "train")
+    stage = stage_lib.load_stage(str(workdir), step=4)
+    for a, b in zip(jax.tree.leaves(stage.params), jax.tree.leaves(final.ema_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    restored, damaged = checkpoint.restore_newest_good(str(workdir), lambda _: _structs(config), config)
+    assert restored.step == 2 and "train: " in damaged[0].cause
 
 
 def test_no_good_checkpoint_is_an_error_naming_each_cause(finished_run):
@@ -220,7 +240,7 @@ def test_sampling_never_writes_non_finite_images(finished_run):
     stage = stage_lib.load_stage(str(root / "run"))
     poisoned = jax.tree.map(lambda p: p * jnp.nan, stage.params)
     with pytest.raises(NonFiniteError, match="NaN/inf pixels"):
-        stage_lib.generate(dataclasses.replace(stage, params=poisoned), ["x"], rng=jax.random.PRNGKey(0))
+        sampling.generate(dataclasses.replace(stage, params=poisoned), ["x"], rng=jax.random.PRNGKey(0))
 
 
 # --- nothing non-finite is saved ---------------------------------------------------------------------------
@@ -245,7 +265,7 @@ def test_a_non_finite_update_with_a_finite_loss_is_never_saved(tmp_path):
         loop.train_and_evaluate(diverging, str(tmp_path / "resumed"))
     assert list(checkpoint.make_manager(str(tmp_path / "resumed"), create=False).all_steps()) == [1]
     restored, _ = checkpoint.restore_newest_good(str(tmp_path / "resumed"), lambda _: _structs(good), good)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.items))
 
 
 # --- retention -------------------------------------------------------------------------------------------
@@ -275,7 +295,7 @@ def test_retention_keeps_the_last_read_back_checkpoint_until_a_newer_one_is(tmp_
     monkeypatch.setattr(integrity, "write_file_manifest", slow_manifest)
     writer = checkpoint.CheckpointWriter(str(tmp_path), keep=1)
     for step in (1, 2, 3):
-        writer.save(_tiny_state(step), config, None)
+        writer.save(step, state_lib.to_items(_tiny_state(step)), config, None)
         writer.manager.wait_until_finished()
     # Steps 1 and 2 are written but not read back yet: keep=1 must not delete them.
     assert list(writer.manager.all_steps()) == [1, 2, 3]

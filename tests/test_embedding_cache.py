@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.text.build import build_text_encoder
 from imagen_jax.text.embedding_cache import EmbeddingCache, caption_key
-from imagen_jax.text.encoder import build_text_encoder
 
 TINY = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2)
 CAPTIONS = ["a corgi", "sushi house", "a corgi", "", "x" * 40, "  ", "a very long caption about a dog"]

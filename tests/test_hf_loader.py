@@ -20,6 +20,7 @@ from imagen_jax.parallel import axes
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text import encoder as encoder_lib
 from imagen_jax.text import hf_loader
+from imagen_jax.text.build import build_text_encoder
 from imagen_jax.text.t5 import T5Encoder
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -130,7 +131,7 @@ def test_load_t5_encoder_with_folder_tokenizer_and_build(tmp_path):
         te.encode([])
     # build_text_encoder dispatches on a path.
     cfg = ml_collections.ConfigDict(dict(encoder=str(folder), tokenizer="", max_length=8, dtype="float32"))
-    built = encoder_lib.build_text_encoder(cfg)
+    built = build_text_encoder(cfg)
     np.testing.assert_array_equal(np.asarray(built.encode(["a cute corgi", ""])[0]), np.asarray(emb))
 
 

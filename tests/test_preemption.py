@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from configs.shapes import get_config
-from imagen_jax.cascade import stage as stage_lib
-from imagen_jax.training import checkpoint
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import checkpoint
+from imagen_jax.training import state as state_lib
 from imagen_jax.training.state import make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,8 +34,10 @@ def _driver(root, workdir, num_steps, mode, timeout=300):
 def _restore(workdir, step=None):
     config = get_config("tiny")
     stage = stage_lib.build_stage(config)
-    structs, _ = stage_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
-    restored, damaged = checkpoint.restore_newest_good(str(workdir), lambda _: structs, None, step)
+    structs, _ = state_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
+    restored, damaged = checkpoint.restore_newest_good(
+        str(workdir), lambda _: state_lib.to_items(structs), None, step
+    )
     assert not damaged
     return restored
 
@@ -50,7 +53,7 @@ def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("preemption")
     result = _driver(root, root / "straight", 6, "none")
     assert result.returncode == 0, result.stderr[-3000:]
-    return root, _restore(root / "straight").state
+    return root, state_lib.from_items(_restore(root / "straight").items)
 
 
 def _steps(workdir):
@@ -81,7 +84,7 @@ def test_sigterm_stops_at_a_verified_checkpoint_that_resumes_bitwise(straight, m
     resumed = _driver(root, workdir, 6, "none")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {checkpoint.checkpoint_dir(str(workdir))} at step {stop_step}" in resumed.stderr
-    _assert_bitwise_equal(_restore(workdir).state, final)
+    _assert_bitwise_equal(state_lib.from_items(_restore(workdir).items), final)
 
 
 def _train_cli(workdir, root, *overrides):
@@ -177,5 +180,5 @@ def test_kill_9_at_random_moments_never_leaves_an_unfinished_latest_checkpoint(s
     final = _train_cli(workdir, root, *overrides)
     _, err = final.communicate(timeout=300)
     assert final.returncode == 0, err[-3000:]
-    _assert_bitwise_equal(_restore(workdir).state, reference)
+    _assert_bitwise_equal(state_lib.from_items(_restore(workdir).items), reference)
     shutil.rmtree(workdir)

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from imagen_jax.parallel import axes
 from imagen_jax.text import encoder as encoder_lib
+from imagen_jax.text.build import build_text_encoder
 from imagen_jax.text.t5 import T5Config, T5Encoder, relative_position_buckets
 
 TINY = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2)
@@ -131,7 +132,7 @@ def _random_text_config(**overrides):
 
 
 def test_build_random_text_encoder_and_encode():
-    te = encoder_lib.build_text_encoder(_random_text_config())
+    te = build_text_encoder(_random_text_config())
     assert te.embed_dim == 32 and te.max_length == 16
     assert not any(isinstance(x, nn.LogicallyPartitioned) for x in jax.tree.leaves(
         te.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
@@ -141,15 +142,15 @@ def test_build_random_text_encoder_and_encode():
     assert float(jnp.abs(emb[1]).max()) == 0.0  # unconditional prompt: all zeros
     assert float(jnp.abs(emb[0, 8:]).max()) == 0.0  # padding zeroed
     # Same seed -> same params; the jitted path equals the pure function.
-    again = encoder_lib.build_text_encoder(_random_text_config())
+    again = build_text_encoder(_random_text_config())
     emb2, _ = again.encode(["a corgi", "", "sushi house"])
     np.testing.assert_array_equal(np.asarray(emb), np.asarray(emb2))
 
 
 def test_build_rejects_bad_config():
     with pytest.raises(ValueError, match="unknown keys"):
-        encoder_lib.build_text_encoder(_random_text_config(t5={**TINY, "d_modle": 3}))
+        build_text_encoder(_random_text_config(t5={**TINY, "d_modle": 3}))
     with pytest.raises(ValueError, match="vocab_size"):
-        encoder_lib.build_text_encoder(_random_text_config(t5={**TINY, "vocab_size": 100}))
+        build_text_encoder(_random_text_config(t5={**TINY, "vocab_size": 100}))
     with pytest.raises(ValueError, match="dtype"):
-        encoder_lib.build_text_encoder(_random_text_config(dtype="fp8"))
+        build_text_encoder(_random_text_config(dtype="fp8"))

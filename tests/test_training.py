@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from configs.shapes import get_config
-from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.data.shapes import make_example
 from imagen_jax.parallel import memory
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.training import checkpoint, loop
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import checkpoint
+from imagen_jax.training import loop
+from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
 from imagen_jax.training.state import make_optimizer
-from imagen_jax.training.step import make_train_step
 
 
 def tiny_config(**train):
@@ -33,14 +34,14 @@ def _batch(stage, size=16, res=32, seed=0):
 def _run_steps(config, mesh, num_steps):
     stage = stage_lib.build_stage(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.num_steps)
-    state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+    state, shardings = state_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
     host_batch = _batch(stage)
     batch = {
         k: jax.device_put(v, mesh_lib.batch_sharding(mesh, config.axis_rules, v.ndim))
         for k, v in host_batch.items()
     }
     step = jax.jit(
-        make_train_step(config, stage.unet, stage.text.module, optimizer),
+        loop.train_step_fn(config, stage, optimizer),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
@@ -74,7 +75,7 @@ def test_adafactor_state_is_sharded_and_trains_on_the_mesh():
     state, losses = _run_steps(config, mesh, 2)
     assert np.all(np.isfinite(losses))
     stage = stage_lib.build_stage(config, mesh)
-    structs, _ = stage_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
+    structs, _ = state_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), structs) == shapes
     ranks = {x.ndim for x in jax.tree.leaves(state.opt_state)}
@@ -92,10 +93,10 @@ def test_loss_drops_when_training_a_tiny_model():
 
 def _params_of_last_checkpoint(workdir, config):
     stage = stage_lib.build_stage(config)
-    structs, _ = stage_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
-    restored, damaged = checkpoint.restore_newest_good(workdir, lambda _: structs, config)
+    structs, _ = state_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))
+    restored, damaged = checkpoint.restore_newest_good(workdir, lambda _: state_lib.to_items(structs), config)
     assert not damaged
-    return restored.state
+    return state_lib.from_items(restored.items)
 
 
 class Preempted(Exception):
@@ -111,8 +112,8 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch, compilation
     # Preempt right after the step-3 checkpoint is written, then restart the same command.
     real_save = checkpoint.CheckpointWriter.save
 
-    def save_then_die(self, state, cfg, data_state=None):
-        real_save(self, state, cfg, data_state)
+    def save_then_die(self, step, arrays, cfg, data_state=None):
+        real_save(self, step, arrays, cfg, data_state)
         self.manager.wait_until_finished()
         raise Preempted()
 
@@ -167,7 +168,7 @@ def test_train_step_too_big_for_device_memory_is_refused_after_compiling(monkeyp
     mesh = mesh_lib.make_mesh([("data", -1)])
     stage = stage_lib.build_stage(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.num_steps)
-    state, shardings = stage_lib.abstract_train_state(stage, optimizer)
+    state, shardings = state_lib.abstract_train_state(stage, optimizer)
     batch = loop.global_batch(_batch(stage), mesh, config.axis_rules)
     args = (config, stage, optimizer, shardings, state, batch, loop.frozen_inputs(config, stage))
     assert memory.device_memory_limit() is None

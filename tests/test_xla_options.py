@@ -8,9 +8,11 @@ import optax
 import pytest
 
 from configs.shapes import get_config
-from imagen_jax.cascade import stage as stage_lib
 from imagen_jax.parallel import xla_options
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import sampling
 from imagen_jax.training import loop
+from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
 
 
@@ -74,19 +76,19 @@ def test_train_step_and_sampler_are_compiled_with_the_configs_options():
     config = get_config("tiny")
     stage = stage_lib.build_stage(config)
     optimizer = optax.sgd(0.1)
-    state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(0))
+    state, shardings = state_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(0))
     batch = {"image": jax.numpy.zeros((8, 32, 32, 3))}
     config.xla_options.cpu = "xla_no_such_option=1"
     with pytest.raises(ValueError, match="config.xla_options.cpu"):
         loop.compile_train_step(config, stage, optimizer, shardings, state, batch, {})
     with pytest.raises(ValueError, match="config.xla_options.cpu"):
-        stage_lib.sample_program(config)
+        sampling.sample_program(config.xla_options)
 
     # One jitted sampler (and compile cache) per distinct set of options.
     a, b = get_config("tiny"), get_config("tiny")
-    assert stage_lib.sample_program(a) is stage_lib.sample_program(b)
+    assert sampling.sample_program(a.xla_options) is sampling.sample_program(b.xla_options)
     b.xla_options.cpu = "xla_cpu_enable_fast_math=false"
-    assert stage_lib.sample_program(a) is not stage_lib.sample_program(b)
+    assert sampling.sample_program(a.xla_options) is not sampling.sample_program(b.xla_options)
 
 
 def _cache_entries(folder):

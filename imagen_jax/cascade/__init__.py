@@ -1,1 +1,1 @@
-"""Cascade stages: a trained U-Net with its text encoder and diffusion settings, ready to sample."""
+"""The Imagen cascade: text -> base stage -> super-resolution stages, sampled as one pipeline."""

@@ -1,4 +1,5 @@
-"""What `sample.py` does, as a library function: prompts in, a PNG grid and its prompt list out."""
+"""What `sample.py` does, as a library function: prompts in, PNG grids (one per cascade stage) and their
+prompt lists out."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
-from imagen_jax.cascade import stage as stage_lib
-from imagen_jax.cascade.images import save_grid
+from imagen_jax.cascade.pipeline import Cascade
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.errors import DataError, InputFileNotFoundError, UsageError
+from imagen_jax.stage.images import save_grid, side_by_side
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -55,6 +56,11 @@ def check_sample_options(options: Mapping[str, object]) -> None:
         raise UsageError(f"--steps must be >= 1, got {steps}.")
 
 
+def _beside(out: str, suffix: str) -> str:
+    stem, ext = os.path.splitext(out)
+    return f"{stem}.{suffix}{ext or '.png'}"
+
+
 def sample_to_grid(
     workdir: str,
     *,
@@ -64,20 +70,46 @@ def sample_to_grid(
     out: str,
     seed: int = 0,
     step: int | None = None,
+    sr_workdirs: Sequence[str] = (),
+    sr_options: Sequence[Mapping[str, object]] = (),
+    share_text: bool = True,
     **sample_options: object,
 ) -> tuple[str, str]:
-    """Samples `num` images per prompt from the stage in `workdir`; one grid row per prompt."""
+    """Samples `num` images per prompt from the stage in `workdir`, then through the super-resolution
+    stages in `sr_workdirs` (each with its `sr_options`); one grid row per prompt. With SR stages, each
+    stage's grid is also written (`<out>.stage<k>_<res>px.png`) and a side-by-side comparison."""
     if num < 1:
         raise UsageError(f"--num must be >= 1, got {num}.")
     check_sample_options(sample_options)
+    for options in sr_options:
+        check_sample_options(options)
+    if len(sr_options) not in (0, len(sr_workdirs)):
+        raise UsageError(f"{len(sr_options)} sets of SR sampling options for {len(sr_workdirs)} SR stages.")
     prompt_list = read_prompts(prompts, prompts_file)
-    stage = stage_lib.load_stage(workdir, step=step)
+    cascade = Cascade.load(
+        [workdir, *sr_workdirs], steps=[step] + [None] * len(sr_workdirs), share_text=share_text
+    )
     repeated = [p for p in prompt_list for _ in range(num)]
     t0 = time.perf_counter()
-    images = stage_lib.generate(stage, repeated, rng=jax.random.PRNGKey(seed), **sample_options)
+    outputs = cascade.sample(
+        repeated,
+        rng=jax.random.PRNGKey(seed),
+        options=[sample_options, *(sr_options or [{}] * len(sr_workdirs))],
+    )
     seconds = time.perf_counter() - t0
     print(
-        f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s, "
-        "including compilation)"
+        f"sampled {len(repeated)} images through {len(outputs)} stage(s) in {seconds:.1f} s "
+        f"({len(repeated) / seconds:.2f} images/s, including compilation)"
     )
-    return save_grid(images, repeated, out, columns=num, upscale=2)
+    final = outputs[-1]
+    upscale = max(1, 64 // final.shape[1])  # small demo images are hard to see at 1:1
+    if len(outputs) > 1:
+        for index, images in enumerate(outputs):
+            path = _beside(out, f"stage{index + 1}_{images.shape[1]}px")
+            save_grid(images, repeated, path, columns=num, upscale=max(1, final.shape[1] // images.shape[1]))
+            print(f"wrote {path}")
+        path = _beside(out, "stages")
+        labels = [f"stage {k + 1}: {p}" for p in repeated for k in range(len(outputs))]
+        save_grid(side_by_side(outputs), labels, path, columns=len(outputs) * min(num, 4), upscale=upscale)
+        print(f"wrote {path}")
+    return save_grid(final, repeated, out, columns=num, upscale=upscale)

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from imagen_jax.data.resample import check_lowres, downsample
 from imagen_jax.errors import ConfigError, DataError, InputFileNotFoundError
 
 log = logging.getLogger("imagen_jax")
@@ -181,7 +182,12 @@ class _Item(NamedTuple):
 
 
 class FolderSource:
-    """Random-access image-caption source over a folder; items are {"image": uint8 [r, r, 3], "caption"}."""
+    """Random-access image-caption source over a folder; items are {"image": uint8 [R, R, 3], "caption"}.
+
+    For a super-resolution stage (`lowres_resolution` > 0) items also hold "lowres" uint8 [r, r, 3]: the
+    same loaded image downsampled with `resample.downsample(image, r, lowres_downsample)`, so the pair
+    is exact whatever the file's own size.
+    """
 
     def __init__(
         self,
@@ -192,10 +198,14 @@ class FolderSource:
         background: Sequence[int] = WHITE,
         aspect_policy: str = "crop",
         max_aspect: float = 2.0,
+        lowres_resolution: int = 0,
+        lowres_downsample: str = "bicubic",
     ):
         self.root = pathlib.Path(root)
         self.resolution = resolution
         self.background = check_folder_options(background, aspect_policy, max_aspect)
+        check_lowres(resolution, lowres_resolution, lowres_downsample)
+        self.lowres_resolution, self.lowres_downsample = lowres_resolution, lowres_downsample
         self.aspect_policy, self.max_aspect = aspect_policy, max_aspect
         if not self.root.is_dir():
             raise InputFileNotFoundError(
@@ -207,7 +217,7 @@ class FolderSource:
         if not found:
             raise InputFileNotFoundError(
                 f"no captions file in {self.root}: expected {' or '.join(names)} "
-                "('filename<TAB>caption' lines, or JSON lines {\"file\": ..., \"caption\": ...})"
+                '(\'filename<TAB>caption\' lines, or JSON lines {"file": ..., "caption": ...})'
             )
         self.captions_path = found[0]
         self.items: list[_Item] = []
@@ -269,10 +279,16 @@ class FolderSource:
         image = load_image(
             item.path, self.resolution, background=self.background, composite=item.composite, pad=item.pad
         )
-        return {"image": image, "caption": item.caption}
+        if not self.lowres_resolution:
+            return {"image": image, "caption": item.caption}
+        lowres = downsample(image, self.lowres_resolution, self.lowres_downsample)
+        return {"image": image, "lowres": lowres, "caption": item.caption}
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # grain checks a restored iterator against it; base-stage form unchanged
+        lowres = ""
+        if self.lowres_resolution:
+            lowres = f"lowres={self.lowres_resolution} ({self.lowres_downsample}), "
         return (
-            f"FolderSource(root={str(self.root)!r}, resolution={self.resolution}, len={len(self)}, "
+            f"FolderSource(root={str(self.root)!r}, resolution={self.resolution}, {lowres}len={len(self)}, "
             f"skipped={self.skipped})"
         )

@@ -4,6 +4,9 @@ Sources are anything with len/getitem returning dicts: a TFDS ArrayRecord source
 (`builder.as_data_source(split)`, text as bytes) or `FolderSource`. Batches are per host
 (`batch_size // process_count`); the sampler shards records across JAX processes, so hosts never
 see the same example. Images become float32 in [-1, 1] once per batch (vectorised), not per record.
+
+Super-resolution records hold "image" and "lowres" (`sources.build_source`); `crop_size` > 0 cuts a
+random aligned crop of both per record (`AlignedCrop`) before batching.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import grain.python as grain
 import jax
 import numpy as np
 
-from imagen_jax.errors import ConfigError
+from imagen_jax.errors import ConfigError, DataError
 
 TokenizeFn = Callable[[list[str]], Mapping[str, np.ndarray]]
 _TEXT_KEYS = ("caption", "scene")
@@ -24,6 +27,11 @@ _TEXT_KEYS = ("caption", "scene")
 def as_str(x: object) -> str:
     """TFDS Text features come back as bytes; folder sources give str."""
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1], the range every stage trains and samples in."""
+    return np.asarray(images).astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
 
 class _CollateBatch:
@@ -37,12 +45,12 @@ class _CollateBatch:
         keys = list(records[0])
         image_keys = self.image_keys
         if image_keys is None:  # one image key -> "image"; several (SR pairs) keep their names
-            found = [k for k in keys if k.startswith("image")]
+            found = [k for k in keys if k.startswith("image") or k == "lowres"]
             image_keys = {found[0]: "image"} if len(found) == 1 else {k: k for k in found}
         out: dict[str, np.ndarray] = {}
         for src, dst in image_keys.items():
             images = np.stack([np.asarray(r[src]) for r in records])
-            out[dst] = images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+            out[dst] = to_model_range(images)
         for key in keys:
             if key in image_keys:
                 continue
@@ -52,6 +60,37 @@ class _CollateBatch:
                 out[key] = np.stack([np.asarray(r[key]) for r in records])
         if self.tokenize_fn is not None:
             out.update(self.tokenize_fn([str(c) for c in out["caption"]]))
+        return out
+
+
+class AlignedCrop(grain.RandomMapTransform):
+    """A random `size` crop of "image" and the exactly matching crop of "lowres" (size / scale).
+
+    The corner is drawn in low-res pixels and scaled up, so it sits on a multiple of the scale factor
+    (image side / lowres side) and the low-res crop covers the same region, not a resampled neighbour.
+    grain seeds `rng` from the loader seed and the record's position in the stream, so crops repeat
+    for a seed and a restored iterator continues with the same crops.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def random_map(self, element: Mapping[str, object], rng: np.random.Generator) -> dict[str, object]:
+        if "lowres" not in element:
+            raise DataError(f"crop_size={self.size} needs records with 'image' and 'lowres' (an SR stage)")
+        image, lowres = np.asarray(element["image"]), np.asarray(element["lowres"])
+        (h, w), (lh, lw) = image.shape[:2], lowres.shape[:2]
+        scale = h // lh
+        if (h, w) != (lh * scale, lw * scale) or self.size % scale or self.size > min(h, w):
+            raise DataError(
+                f"crop_size={self.size} does not fit image {image.shape} / lowres {lowres.shape}: it must "
+                f"be a multiple of the scale {scale} and at most the image side"
+            )
+        low = self.size // scale
+        y, x = int(rng.integers(lh - low + 1)), int(rng.integers(lw - low + 1))
+        out = dict(element)
+        out["lowres"] = lowres[y : y + low, x : x + low]
+        out["image"] = image[y * scale : (y + low) * scale, x * scale : (x + low) * scale]
         return out
 
 
@@ -69,6 +108,7 @@ def make_loader(
     prefetch: int = 256,
     shard_by_process: bool = True,
     drop_remainder: bool = True,
+    crop_size: int = 0,
 ) -> grain.DataLoader:
     """A grain DataLoader yielding this host's batches; iterate it (or `iter(...)`) for numpy dicts.
 
@@ -78,10 +118,14 @@ def make_loader(
     `batch_size` is global: each of the `jax.process_count()` hosts gets batch_size // process_count.
     `num_epochs=None` repeats forever. `worker_count` > 0 uses that many worker processes (then
     `tokenize_fn` must pickle); `num_threads`/`prefetch` tune reads in the main process.
+    `crop_size` > 0 (config.data.crop_resolution, SR stages): "image" becomes a random crop_size crop and
+    "lowres" the matching crop_size / scale region (`AlignedCrop`); 0 keeps whole images.
     """
     count = jax.process_count() if shard_by_process else 1
     if batch_size % count:
         raise ConfigError(f"global batch_size {batch_size} is not divisible by process_count {count}")
+    if crop_size < 0:
+        raise ConfigError(f"crop_size={crop_size}: expected 0 (whole images) or a positive crop side")
     per_host = batch_size // count
     if shard_by_process:
         shard = grain.ShardOptions(jax.process_index(), count, drop_remainder=True)
@@ -91,10 +135,11 @@ def make_loader(
         num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
     )
     collate = _CollateBatch(image_keys, tokenize_fn)
+    crop = [AlignedCrop(crop_size)] if crop_size else []
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[grain.Batch(per_host, drop_remainder=drop_remainder, batch_fn=collate)],
+        operations=[*crop, grain.Batch(per_host, drop_remainder=drop_remainder, batch_fn=collate)],
         worker_count=worker_count,
         read_options=grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch),
     )

@@ -1,9 +1,14 @@
 """TFDS builder "imagen_shapes": the procedural shapes dataset, generated offline into ArrayRecord files.
 
-Runs without TensorFlow (see TRAPS): images are stored raw as `tfds.features.Tensor` uint8 (no PNG
-encoding), text as `Text`, and `DatasetInfo` is built directly. Each config stores one image key per
-resolution, `image_<r>`, all rendered from the same scene, so a config like `r64_256` serves the
+Runs without TensorFlow (see TRAPS): images are `tfds.features.Tensor` uint8 (no PNG encoding, which
+needs TensorFlow), text is `Text`, and `DatasetInfo` is built directly. Each config stores one image key
+per resolution, `image_<r>`, all rendered from the same scene, so a config like `r32_128` serves the
 super-resolution stage with exact low/high pairs. Read back with `builder.as_data_source(split)`.
+
+Images are zlib-compressed (numpy-only in TFDS both ways): flat shapes on black shrink ~80x (a 128x128
+image from 48 KiB to ~0.6 KiB). Besides disk, this matters because TFDS holds a split in memory while
+writing it and spills to temporary files through `tf.io.gfile` past 1000 MiB, which fails without
+TensorFlow: raw, 20k (32, 128) pairs already crossed it. `prepare_shapes` names that failure.
 
 Build with `prepare_shapes(data_dir, resolutions=32, num_train=50_000, num_eval=1_000)` (offline,
 idempotent). The `tfds build` command line itself imports TensorFlow (tfds 4.9.10 CLI), so it is not
@@ -21,6 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from imagen_jax.data import shapes
+from imagen_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(eq=False)  # BuilderConfig is a plain dataclass; keep its eq/hash
@@ -38,18 +44,23 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class ImagenShapes(tfds.core.GeneratorBasedBuilder):
     """Procedural shapes scenes with captions and the scene as JSON (for the scorer)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.", "1.1.0": "Images zlib-compressed (same pixels)."}
     BUILDER_CONFIGS = [
         ShapesConfig(name="r32", description="32x32 images for the base model.", resolutions=(32,)),
         ShapesConfig(
-            name="r32_64", description="32 and 64 pairs for a small SR stage.", resolutions=(32, 64),
+            name="r32_64",
+            description="32 and 64 pairs for a small SR stage.",
+            resolutions=(32, 64),
             num_train=20_000,
         ),
-        # Raw 256x256x3 uint8 is 192 KiB per image: keep the SR set modest.
         ShapesConfig(
-            name="r64_256", description="64 and 256 pairs for the 64->256 SR stage.", resolutions=(64, 256),
-            num_train=5_000, num_validation=200, num_test=200,
+            name="r64_256",
+            description="64 and 256 pairs for the 64->256 SR stage.",
+            resolutions=(64, 256),
+            num_train=5_000,
+            num_validation=200,
+            num_test=200,
         ),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "r32"
@@ -60,7 +71,8 @@ class ImagenShapes(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
         features = {
-            f"image_{r}": tfds.features.Tensor(shape=(r, r, 3), dtype=np.uint8) for r in cfg.resolutions
+            f"image_{r}": tfds.features.Tensor(shape=(r, r, 3), dtype=np.uint8, encoding="zlib")
+            for r in cfg.resolutions
         }
         features["caption"] = tfds.features.Text()
         features["scene"] = tfds.features.Text()
@@ -92,8 +104,13 @@ def config_for(
     res = (resolutions,) if isinstance(resolutions, int) else tuple(int(r) for r in resolutions)
     name = f"r{'_'.join(map(str, res))}_n{num_train}_e{num_eval}_s{seed}_p{int(round(p_two * 100))}"
     return ShapesConfig(
-        name=name, resolutions=res, num_train=num_train, num_validation=num_eval, num_test=num_eval,
-        seed=seed, p_two=p_two,
+        name=name,
+        resolutions=res,
+        num_train=num_train,
+        num_validation=num_eval,
+        num_test=num_eval,
+        seed=seed,
+        p_two=p_two,
     )
 
 
@@ -109,7 +126,15 @@ def prepare_shapes(
     """Builder for these settings under `data_dir`, generating the files first if they are missing."""
     cfg = config_for(resolutions, num_train=num_train, num_eval=num_eval, seed=seed, p_two=p_two)
     builder = ImagenShapes(config=cfg, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    )
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    except ModuleNotFoundError as e:
+        if e.name != "tensorflow":
+            raise
+        raise ConfigError(
+            f"generating the shapes dataset {cfg.name} needed TensorFlow, which is not installed: TFDS "
+            "spills a split over 1000 MiB serialized to temporary files through tf.io.gfile. Lower "
+            "config.data.num_train or the resolution (or install tensorflow)."
+        ) from None
     return builder

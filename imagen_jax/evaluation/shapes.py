@@ -16,14 +16,15 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from imagen_jax.cascade import stage as stage_lib
-from imagen_jax.cascade.images import save_grid
 from imagen_jax.data.shapes import eval_set
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
+from imagen_jax.stage.build import Stage, load_stage
+from imagen_jax.stage.images import save_grid
+from imagen_jax.stage.sampling import generate
 
 
 def evaluate_shapes(
-    stage: stage_lib.Stage,
+    stage: Stage,
     *,
     guidance_weights: Sequence[float],
     num_captions: int,
@@ -43,7 +44,7 @@ def evaluate_shapes(
     results = {}
     for weight in guidance_weights:
         t0 = time.perf_counter()
-        images = stage_lib.generate(
+        images = generate(
             stage,
             captions,
             rng=jax.random.PRNGKey(seed),
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(argv)
-    stage = stage_lib.load_stage(args.workdir, step=args.step)
+    stage = load_stage(args.workdir, step=args.step)
     ev: ml_collections.ConfigDict = stage.config.eval
     weights = [float(w) for w in args.guidance.split(",")] if args.guidance else list(ev.guidance_weights)
     if stage.config.sample.guidance not in weights:

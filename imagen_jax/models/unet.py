@@ -74,6 +74,9 @@ class UNet(nn.Module):
     out_channels: int = 3
     patch_size: int = 1  # >1: space-to-depth stem and depth-to-space head (U-Net runs at H/p x W/p)
     lowres_cond: bool = False
+    # How the low-res input is resized to the noisy image's size before the two are concatenated: any
+    # `jax.image.resize` method ("nearest", "bilinear", "bicubic", "lanczos3", ...).
+    lowres_upsample: str = "bicubic"
     # Recompute each residual and attention block in the backward pass instead of keeping its activations
     # (paper-size U-Nets on one accelerator); the base U-Net's step then executes ~18% more FLOPs.
     remat: bool = False
@@ -203,7 +206,7 @@ class UNet(nn.Module):
         if self.lowres_cond:
             if lowres is None or aug_logsnr is None:
                 raise ValueError("this U-Net has lowres_cond=True: pass `lowres` and `aug_logsnr`.")
-            up = jax.image.resize(lowres, z.shape[:3] + lowres.shape[3:], method="bilinear")
+            up = jax.image.resize(lowres, z.shape[:3] + lowres.shape[3:], method=self.lowres_upsample)
             x = jnp.concatenate([z, up.astype(z.dtype)], axis=-1)
         p = self.patch_size
         if p > 1:

@@ -1,6 +1,6 @@
 """The frozen text encoder as the rest of imagen_jax sees it: tokenizer + T5 module + params.
 
-`build_text_encoder(config.text)` reads:
+`imagen_jax.text.build.build_text_encoder(config.text)` reads:
   encoder     "random" (a seeded random T5 sized by `t5`, for demos/tests, no download) or a Hugging Face
               folder / hub id in the local cache (loaded by `hf_loader.load_t5_encoder`)
   tokenizer   "byte", a spiece.model path or a folder; for a checkpoint, "" / None = the checkpoint's own
@@ -27,13 +27,13 @@ from jax.sharding import Mesh
 from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text.t5 import T5Config, T5Encoder
-from imagen_jax.text.tokenizers import Tokenizer, make_tokenizer
+from imagen_jax.text.tokenizers import Tokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def parse_dtype(dtype: Any) -> Any:
-    """"float32" / "bfloat16" / a numpy-compatible dtype -> jnp dtype; unknown names raise ValueError."""
+    """ "float32" / "bfloat16" / a numpy-compatible dtype -> jnp dtype; unknown names raise ValueError."""
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}.")
@@ -106,31 +106,6 @@ def t5_config_from_dict(t5: Any) -> T5Config:
     if unknown:
         raise ConfigError(f"text.t5 has unknown keys {unknown}; allowed: {sorted(fields)}.")
     return T5Config(**values)
-
-
-def build_text_encoder(
-    text_config: Any, mesh: Mesh | None = None, rules: Sequence[Any] | None = None
-) -> TextEncoder:
-    """The text encoder selected by `text_config` (see the module docstring for the keys). With a mesh,
-    parameters are created / loaded already sharded by their logical axes and `rules`."""
-    dtype = parse_dtype(text_config.get("dtype", "float32"))
-    max_length = int(text_config.get("max_length", 128))
-    encoder = str(text_config.encoder)
-    tokenizer_name = text_config.get("tokenizer", None)
-    if encoder == "random":
-        cfg = t5_config_from_dict(text_config.t5)
-        tokenizer = make_tokenizer(tokenizer_name or "byte", max_length)
-        check_tokenizer_vocab(tokenizer, cfg)
-        module = T5Encoder(cfg, dtype=dtype, param_dtype=dtype)
-        params = init_params(module, jax.random.PRNGKey(int(text_config.get("seed", 0))), mesh, rules)
-        return TextEncoder(module, tokenizer, params, cfg.d_model)
-    from imagen_jax.text.hf_loader import load_t5_encoder  # imports safetensors only when needed
-
-    loaded = load_t5_encoder(
-        encoder, dtype=dtype, mesh=mesh, rules=rules, max_length=max_length, tokenizer=tokenizer_name or None
-    )
-    check_tokenizer_vocab(loaded.tokenizer, loaded.module.config)
-    return loaded
 
 
 def check_tokenizer_vocab(tokenizer: Tokenizer, cfg: T5Config) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
+from imagen_jax.data.sources import check_stage_data
 from imagen_jax.diffusion import objectives, samplers, schedules
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.errors import ConfigError
@@ -38,6 +39,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.diffusion.logsnr_min ({d.logsnr_min}) must be < logsnr_max ({d.logsnr_max})."
         )
+    levels = tuple(d.noise_aug_range) if _is_tuple_of(d.noise_aug_range, (int, float)) else ()
+    if len(levels) != 2 or not 0.0 <= levels[0] <= levels[1] <= 1.0:
+        raise ConfigError(
+            f"config.diffusion.noise_aug_range={d.noise_aug_range!r} must be (low, high) with "
+            "0 <= low <= high <= 1 (times on the stage's schedule), e.g. (0.0, 0.5)."
+        )
+    if not 0.0 <= s.noise_aug_level <= 1.0:
+        raise ConfigError(f"config.sample.noise_aug_level={s.noise_aug_level} must be in [0, 1].")
+    check_stage_data(config.data)
     _choice(o.name, ("adamw", "adafactor"), "optim.name")
     _choice(o.decay, ("cosine", "constant"), "optim.decay")
     _positive(o.learning_rate, "optim.learning_rate")

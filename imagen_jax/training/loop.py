@@ -19,15 +19,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from imagen_jax.cascade import stage as stage_lib
-from imagen_jax.cascade.images import save_grid
 from imagen_jax.data.pipeline import as_str, make_loader
 from imagen_jax.data.sources import build_source
 from imagen_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from imagen_jax.parallel import memory, xla_options
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.stage import checkpoint
+from imagen_jax.stage.build import Stage, build_stage
+from imagen_jax.stage.images import save_grid, side_by_side, to_uint8
+from imagen_jax.stage.sampling import generate
 from imagen_jax.text.embedding_cache import EmbeddingCache
-from imagen_jax.training import checkpoint, preemption
+from imagen_jax.training import preemption
+from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
 from imagen_jax.training.progress import MetricWriter, Progress
 from imagen_jax.training.state import TrainState, make_optimizer
@@ -51,7 +54,7 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules) -
     return out
 
 
-def frozen_inputs(config: ml_collections.ConfigDict, stage: stage_lib.Stage) -> dict[str, Any]:
+def frozen_inputs(config: ml_collections.ConfigDict, stage: Stage) -> dict[str, Any]:
     """Weights the step reads but never trains (a frozen text encoder), passed as a step argument."""
     return {} if config.text.train_jointly else {"text": stage.text.params}
 
@@ -70,7 +73,7 @@ class _CachedText:
         return {"text_emb": emb, "text_mask": mask}
 
 
-def text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object, stage: stage_lib.Stage):
+def text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object, stage: Stage):
     """Token ids for the step to encode, or (config.text.embedding_cache) cached embeddings."""
     if not config.text.embedding_cache:
         return stage.text.tokenizer
@@ -97,15 +100,48 @@ def text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object,
     return _CachedText(cache, stage.text.max_length)
 
 
-def _sample_grid(stage: stage_lib.Stage, state: TrainState, prompts: list[str], path: str, seed: int) -> None:
+def _sample_grid(
+    stage: Stage, state: TrainState, prompts: list[str], path: str, seed: int, lowres: np.ndarray | None
+) -> None:
+    """The EMA model's samples for `prompts`; a super-resolution stage upsamples `lowres` (uint8, one per
+    prompt: training examples' inputs, at the crop size when it trains on crops) and the grid shows each
+    input beside its sample."""
     ema_stage = dataclasses.replace(stage, params=state.ema_params)
-    images = stage_lib.generate(ema_stage, prompts, rng=jax.random.PRNGKey(seed))
+    images = generate(ema_stage, prompts, rng=jax.random.PRNGKey(seed), lowres=lowres)
+    if lowres is not None:
+        save_grid(side_by_side([lowres, images]), [p for p in prompts for _ in "ab"], path, columns=8)
+        return
     save_grid(images, prompts, path, columns=min(len(prompts), 8), upscale=2)
+
+
+def preview_inputs(
+    config: ml_collections.ConfigDict, stage: Stage, host_batch: dict[str, np.ndarray]
+) -> tuple[list[str], np.ndarray | None]:
+    """What the periodic sample grids show: `config.train.sample_prompts` for a base stage; for a
+    super-resolution stage, the first (up to 8) examples of the first batch: captions and low-res inputs."""
+    if not stage.lowres_resolution:
+        return list(config.train.sample_prompts), None
+    count = min(8, len(host_batch["caption"]))
+    return [str(c) for c in host_batch["caption"][:count]], to_uint8(host_batch["lowres"][:count])
+
+
+def train_step_fn(config: ml_collections.ConfigDict, stage: Stage, optimizer: optax.GradientTransformation):
+    """The (unjitted) train step of `stage` with the settings of `config`."""
+    return make_train_step(
+        stage.unet,
+        stage.text.module,
+        optimizer,
+        schedule=stage.schedule,
+        diffusion=config.diffusion,
+        lr_fn=state_lib.learning_rate_schedule(config.optim, config.train.num_steps),
+        ema_decay_fn=lambda step: state_lib.ema_decay(config.optim, step),
+        joint_text=config.text.train_jointly,
+    )
 
 
 def compile_train_step(
     config: ml_collections.ConfigDict,
-    stage: stage_lib.Stage,
+    stage: Stage,
     optimizer: optax.GradientTransformation,
     shardings: Any,
     state: TrainState,
@@ -117,7 +153,7 @@ def compile_train_step(
     these exact inputs (a shape change fails loudly instead of recompiling); also the compile seconds.
     With `check_memory`, a step that cannot fit in device memory is refused here, naming the fixes."""
     step_fn = jax.jit(
-        make_train_step(config, stage.unet, stage.text.module, optimizer),
+        train_step_fn(config, stage, optimizer),
         in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, None),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
@@ -139,16 +175,16 @@ def compile_train_step(
 def initial_state(
     config: ml_collections.ConfigDict,
     workdir: str,
-    stage: stage_lib.Stage,
+    stage: Stage,
     optimizer: optax.GradientTransformation,
 ) -> tuple[TrainState, Any, bytes | None]:
     """(state, shardings, input position): restored from the newest checkpoint in `workdir` that verifies
     (damaged newer ones are named and moved to `checkpoints_damaged/`), or fresh when there is none."""
     if not checkpoint.has_checkpoints(workdir):
-        state, shardings = stage_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
+        state, shardings = state_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
         return state, shardings, None
-    structs, shardings = stage_lib.abstract_train_state(stage, optimizer)
-    restored, damaged = checkpoint.restore_newest_good(workdir, lambda _: structs, config)
+    structs, shardings = state_lib.abstract_train_state(stage, optimizer)
+    restored, damaged = checkpoint.restore_newest_good(workdir, lambda _: state_lib.to_items(structs), config)
     checkpoint.set_aside(workdir, damaged)
     if restored.data_state is None:
         raise CheckpointError(
@@ -156,7 +192,7 @@ def initial_state(
             "it cannot be resumed exactly. Start a new --workdir."
         )
     log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), restored.step)
-    return restored.state, shardings, restored.data_state
+    return state_lib.from_items(restored.items), shardings, restored.data_state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
@@ -186,7 +222,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     mesh_lib.check_batch_divisible(tc.batch_size, mesh, config.axis_rules)
     log.info("devices: %d x %s, mesh %s", jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))
 
-    stage = stage_lib.build_stage(config, mesh)
+    stage = build_stage(config, mesh)
     optimizer = make_optimizer(config.optim, tc.num_steps)
     source = build_source(config.data, workdir, "train")
     loader = make_loader(
@@ -196,6 +232,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
         tokenize_fn=text_inputs(config, workdir, source, stage),
         worker_count=config.data.worker_count,
         prefetch=config.data.prefetch * tc.batch_size,
+        crop_size=config.data.crop_resolution,
     )
     state, shardings, data_state = initial_state(config, workdir, stage, optimizer)
     start_step = int(jax.device_get(state.step))
@@ -204,7 +241,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     it = iter(loader)
     if data_state is not None:
         it.set_state(data_state)
-    batch = global_batch(next(it), mesh, config.axis_rules)
+    host_batch = next(it)
+    preview_prompts, preview_lowres = preview_inputs(config, stage, host_batch)
+    batch = global_batch(host_batch, mesh, config.axis_rules)
     compiled, seconds = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
     log.info("compiled the train step in %.1f s", seconds)
 
@@ -266,16 +305,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
                 with progress.paused():
                     check_finite(step)
                     # The iterator has yielded exactly `step` batches: the next one feeds step + 1.
-                    saver.save(state, config, it.get_state())
+                    saver.save(step, state_lib.to_items(state), config, it.get_state())
             # A stop request skips the sample grid: preemption notices leave seconds, not minutes.
             if tc.sample_every and (step % tc.sample_every == 0 or done) and not stop.requested:
                 with progress.paused():
                     _sample_grid(
                         stage,
                         state,
-                        list(tc.sample_prompts),
+                        preview_prompts,
                         os.path.join(workdir, "samples", f"step_{step:07d}.png"),
                         config.seed,
+                        preview_lowres,
                     )
             if stopped_by:
                 break

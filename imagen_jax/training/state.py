@@ -1,21 +1,24 @@
-"""Training state (a pytree) and the optimizer built from `config.optim`."""
+"""Training state (a pytree), its creation already sharded, its checkpoint items, and the optimizer."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from imagen_jax.errors import ConfigError
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.stage.build import Stage, abstract_text_params, params_factory
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a training step reads and writes; checkpointed whole.
+    """Everything a training step reads and writes; checkpointed as the items of `to_items`.
 
     `params` holds {"unet": ..., "text": ...}; "text" is present only when the text encoder trains jointly
     (a frozen encoder's weights come from its own source, never from our checkpoints).
@@ -75,4 +78,61 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation, rng
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=optimizer.init(params),
         rng=rng,
+    )
+
+
+def _state_factory(stage: Stage, optimizer: optax.GradientTransformation, rng: jax.Array) -> Any:
+    """`make(text_params) -> TrainState` with boxed (logically annotated) parameters."""
+    init_rng, state_rng = jax.random.split(rng)
+    make_params = params_factory(stage, init_rng)
+    return lambda text_params: create_train_state(make_params(text_params), optimizer, state_rng)
+
+
+def _state_shardings(stage: Stage, make: Any) -> tuple[Any, Any]:
+    """(abstract boxed state, shardings) from shapes alone: nothing is computed or allocated.
+
+    optax keeps the logical boxes, so the optimizer moments get the same names as their parameters.
+    """
+    abstract = jax.eval_shape(make, abstract_text_params(stage))
+    return abstract, mesh_lib.tree_shardings(abstract, stage.mesh, stage.config.axis_rules)
+
+
+def init_train_state(
+    stage: Stage, optimizer: optax.GradientTransformation, rng: jax.Array
+) -> tuple[TrainState, Any]:
+    """A fresh train state created directly with its shardings (no unsharded copy), and those shardings."""
+    make = _state_factory(stage, optimizer, rng)
+    _, shardings = _state_shardings(stage, make)
+    text_params = stage.text.params if stage.config.text.train_jointly else None
+    state = jax.jit(lambda tp: nn.unbox(make(tp)), out_shardings=shardings)(text_params)
+    return state, shardings
+
+
+def abstract_train_state(stage: Stage, optimizer: optax.GradientTransformation) -> tuple[Any, Any]:
+    """ShapeDtypeStructs (with shardings) of the train state, for restoring without initialising."""
+    abstract, shardings = _state_shardings(stage, _state_factory(stage, optimizer, jax.random.PRNGKey(0)))
+    structs = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract), shardings
+    )
+    return structs, shardings
+
+
+def to_items(state: Any) -> dict[str, Any]:
+    """The checkpoint's array items: the weights and their EMA apart (sampling reads only the EMA), and
+    the rest of the state that only training resumes from."""
+    return {
+        "params": state.params,
+        "ema_params": state.ema_params,
+        "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
+    }
+
+
+def from_items(items: dict[str, Any]) -> TrainState:
+    train = items["train"]
+    return TrainState(
+        step=train["step"],
+        params=items["params"],
+        ema_params=items["ema_params"],
+        opt_state=train["opt_state"],
+        rng=train["rng"],
     )

@@ -1,5 +1,7 @@
 """The pure training step: noise the images, predict the diffusion target, update params and EMA.
 
+A super-resolution batch also holds `lowres` (the low-res image, or the crop matching `image`); it is
+noise-augmented per example by `diffusion.noise_aug`, the code the cascade sampler uses too.
 `make_train_step` returns `step(state, batch, frozen) -> (state, metrics)`; jit, shardings and buffer
 donation are applied by the caller (`imagen_jax.training.loop`). `frozen` carries weights that are inputs
 but never trained (a frozen text encoder), passed as an argument so they are not baked into the program.
@@ -15,19 +17,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from imagen_jax.diffusion import objectives, schedules
+from imagen_jax.diffusion import noise_aug, objectives, schedules
 from imagen_jax.models.unet import UNet
 from imagen_jax.text.encoder import encode_tokens
 from imagen_jax.text.t5 import T5Encoder
-from imagen_jax.training.state import TrainState, ema_decay, learning_rate_schedule
+from imagen_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
-
-
-def schedule_from_config(diffusion: ml_collections.ConfigDict) -> schedules.Schedule:
-    return schedules.get_schedule(
-        diffusion.schedule, logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max
-    )
 
 
 def text_embeddings(text_module: T5Encoder, text_params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -48,18 +44,23 @@ def drop_captions(
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict,
     unet: UNet,
     text_module: T5Encoder,
     optimizer: optax.GradientTransformation,
+    *,
+    schedule: schedules.Schedule,
+    diffusion: ml_collections.ConfigDict,
+    lr_fn: optax.Schedule,
+    ema_decay_fn: Callable[[jax.Array], jax.Array],
+    joint_text: bool,
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    schedule = schedule_from_config(config.diffusion)
-    lr_fn = learning_rate_schedule(config.optim, config.train.num_steps)
-    diff = config.diffusion
-    joint_text = config.text.train_jointly
+    """`diffusion` is `config.diffusion` (objective, loss weighting, caption dropout, noise_aug_range);
+    `lr_fn` only feeds the logged learning rate; `joint_text`: the text encoder's weights are in
+    `params["text"]` and train, else they come frozen in the step's third argument."""
+    diff = diffusion
 
     def loss_fn(params: Any, frozen: Any, batch: Batch, rng: jax.Array) -> jax.Array:
-        k_t, k_eps, k_drop, k_dropout = jax.random.split(rng, 4)
+        k_t, k_eps, k_drop, k_dropout, k_level, k_aug = jax.random.split(rng, 6)
         text_params = params["text"] if joint_text else frozen.get("text")
         emb, mask = text_embeddings(text_module, text_params, batch)
         emb, mask = drop_captions(emb, mask, k_drop, diff.caption_dropout)
@@ -70,8 +71,20 @@ def make_train_step(
         logsnr = schedule.logsnr(t)
         eps = jax.random.normal(k_eps, x.shape, x.dtype)
         z = schedules.diffuse(x, eps, logsnr)
+        sr_inputs = {}
+        if "lowres" in batch:
+            levels = noise_aug.draw_levels(k_level, b, diff.noise_aug_range)
+            lowres, aug_logsnr = noise_aug.augment(batch["lowres"], levels, k_aug, schedule)
+            sr_inputs = dict(lowres=lowres, aug_logsnr=aug_logsnr)
         pred = unet.apply(
-            {"params": params["unet"]}, z, logsnr, emb, mask, train=True, rngs={"dropout": k_dropout}
+            {"params": params["unet"]},
+            z,
+            logsnr,
+            emb,
+            mask,
+            train=True,
+            rngs={"dropout": k_dropout},
+            **sr_inputs,
         )
         losses = objectives.diffusion_loss(
             pred,
@@ -89,7 +102,7 @@ def make_train_step(
         loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = ema_decay(config.optim, state.step)
+        decay = ema_decay_fn(state.step)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics = {
             "loss": loss,

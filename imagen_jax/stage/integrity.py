@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-DIGEST_VERSION = 1
+DIGEST_VERSION = 2  # 2: digests per checkpoint item (params, ema_params, train)
 MANIFEST_PREFIX = "files.process_"
 
 

@@ -1,17 +1,19 @@
 """Orbax checkpoints of one cascade stage that are never lost and never silently wrong.
 
-Layout: `<workdir>/checkpoints/<step>/{state,config,data,integrity}` plus `files.process_<i>.json`; `data`
-is the input pipeline's iterator position (a resumed run continues the exact example stream), `integrity`
-the content digests of every array (`integrity.digest_tree`), and the `files.*` manifests the sizes and
-SHA-256 of the files as written. Writing (`CheckpointWriter`):
-- refuses a state holding NaN/inf, naming the arrays and the last good step;
+Layout: `<workdir>/checkpoints/<step>/{params,ema_params,train,config,data,integrity}` plus
+`files.process_<i>.json`. The array items are the trained weights, their EMA (all that sampling reads) and
+the rest of the train state (step, optimizer, PRNG key); `data` is the input pipeline's iterator position
+(a resumed run continues the exact example stream), `integrity` the content digests of every array of
+every item (`integrity.digest_tree`), and the `files.*` manifests the sizes and SHA-256 of the files as
+written. Writing (`CheckpointWriter`):
+- refuses arrays holding NaN/inf, naming them and the last good step;
 - saves asynchronously (Orbax), then hashes the finished files in a background thread;
 - prunes to `keep` checkpoints itself, never deleting the newest read-back (manifested) checkpoint while
   a newer one is not yet read back.
-Reading (`restore_newest_good`) checks the manifests, loads the arrays directly with the target sharding
-(any mesh), then compares their digests before anything uses them; a damaged checkpoint is named with its
-cause in one line and the previous one is tried. A checkpoint of another architecture is refused with the
-differing config keys.
+Reading (`restore_newest_good`) checks the manifests, loads the requested items directly with the target
+sharding (any mesh), then compares their digests before anything uses them; a damaged checkpoint is
+named with its cause in one line and the previous one is tried. A checkpoint of another architecture is
+refused with the differing config keys.
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ from imagen_jax.errors import (
     CheckpointNotFoundError,
     NonFiniteError,
 )
-from imagen_jax.training import integrity
-from imagen_jax.training.state import TrainState
+from imagen_jax.stage import integrity
 
 log = logging.getLogger("imagen_jax")
 
 # Config sections that decide the shapes of the checkpointed arrays.
 ARCHITECTURE_KEYS = ("model", "text")
-ITEMS = ("state", "config", "data", "integrity")
+ARRAY_ITEMS = ("params", "ema_params", "train")
+ITEMS = (*ARRAY_ITEMS, "config", "data", "integrity")
 _TENSORSTORE_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
 
 
@@ -82,7 +84,7 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 class CheckpointWriter:
-    """Saves train states of one run; see the module docstring for what each save guarantees."""
+    """Saves the checkpoints of one run; see the module docstring for what each save guarantees."""
 
     def __init__(self, workdir: str, *, keep: int):
         self.manager = make_manager(workdir)
@@ -91,10 +93,21 @@ class CheckpointWriter:
         self._hashing: dict[int, concurrent.futures.Future] = {}
         self._in_flight: int | None = None
 
-    def save(self, state: TrainState, config: ml_collections.ConfigDict, data_state: bytes | None) -> None:
-        """Checks and digests `state` on the devices, then writes it in the background."""
-        step = int(jax.device_get(state.step))
-        digests, nonfinite = integrity.digest_tree(state)
+    def save(
+        self,
+        step: int,
+        arrays: dict[str, Any],
+        config: ml_collections.ConfigDict,
+        data_state: bytes | None,
+    ) -> None:
+        """Checks and digests `arrays` ({item: pytree} for each of ARRAY_ITEMS) on the devices, then writes
+        them in the background."""
+        if set(arrays) != set(ARRAY_ITEMS):
+            raise ValueError(f"a checkpoint holds the array items {ARRAY_ITEMS}, got {sorted(arrays)}")
+        digests, nonfinite = {}, []
+        for name, tree in arrays.items():
+            digests[name], bad = integrity.digest_tree(tree)
+            nonfinite += [f"{name}/{path}" for path in bad]
         if nonfinite:
             good = self.last_good_step()
             shown = ", ".join(nonfinite[:4]) + (
@@ -110,7 +123,7 @@ class CheckpointWriter:
                 + "Lower config.optim.learning_rate or enable config.optim.grad_clip, then rerun to resume."
             )
         items = dict(
-            state=ocp.args.StandardSave(state),
+            **{name: ocp.args.StandardSave(tree) for name, tree in arrays.items()},
             config=ocp.args.JsonSave(config_to_json_dict(config)),
             integrity=ocp.args.JsonSave({"version": integrity.DIGEST_VERSION, "digests": digests}),
         )
@@ -174,7 +187,7 @@ class CheckpointWriter:
 @dataclasses.dataclass(frozen=True)
 class Restored:
     step: int
-    state: Any
+    items: dict[str, Any]  # the array items asked for, by name
     data_state: bytes | None
 
 
@@ -233,10 +246,11 @@ def _restore_item(manager: ocp.CheckpointManager, step: int, name: str, args: An
 def restore_verified(
     manager: ocp.CheckpointManager,
     step: int,
-    abstract_state: Callable[[ml_collections.ConfigDict], Any],
+    abstract_items: Callable[[ml_collections.ConfigDict], dict[str, Any]],
     config: ml_collections.ConfigDict | None = None,
 ) -> Restored:
-    """Restores `step` after checking it; `abstract_state(config)` gives ShapeDtypeStructs with shardings.
+    """Restores the array items of `step` that `abstract_items(config)` asks for ({item name: pytree of
+    ShapeDtypeStructs with shardings}), after checking them; other items are not read.
 
     Raises CheckpointDamagedError (unreadable or changed files, digests that differ) or CheckpointError
     (another architecture than `config`; `config=None` uses the checkpoint's own).
@@ -263,14 +277,23 @@ def restore_verified(
     if not os.path.isdir(os.path.join(path, "integrity")):
         raise CheckpointDamagedError(path, "integrity/ is missing: no content digests to verify against")
     record = _restore_item(manager, step, "integrity", ocp.args.JsonRestore())
-    if not isinstance(record, dict) or record.get("version") != integrity.DIGEST_VERSION:
+    if not isinstance(record, dict) or not isinstance(record.get("version"), int):
         raise CheckpointDamagedError(path, "integrity: no content digests of a known version")
-    structs = abstract_state(config or saved_config)
-    state = _restore_item(manager, step, "state", ocp.args.StandardRestore(structs))
-    mismatches = integrity.digest_mismatches(record["digests"], integrity.digest_tree(state)[0])
-    if mismatches:
-        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
-        raise CheckpointDamagedError(path, f"state: {mismatches[0]}{more}")
+    if record["version"] != integrity.DIGEST_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} is in the format of an earlier imagen_jax (version {record['version']}, "
+            f"this one reads {integrity.DIGEST_VERSION}): train it again with this version."
+        )
+    items = {}
+    for name, structs in abstract_items(config or saved_config).items():
+        tree = _restore_item(manager, step, name, ocp.args.StandardRestore(structs))
+        mismatches = integrity.digest_mismatches(
+            record["digests"].get(name, {}), integrity.digest_tree(tree)[0]
+        )
+        if mismatches:
+            more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+            raise CheckpointDamagedError(path, f"{name}: {mismatches[0]}{more}")
+        items[name] = tree
     data_state = None
     if os.path.isdir(os.path.join(path, "data")):
         data = _restore_item(manager, step, "data", ocp.args.JsonRestore())
@@ -278,12 +301,12 @@ def restore_verified(
             data_state = data["iterator"].encode()
         except (TypeError, KeyError, AttributeError) as err:
             raise CheckpointDamagedError(path, "data: no input-pipeline position") from err
-    return Restored(step=step, state=state, data_state=data_state)
+    return Restored(step=step, items=items, data_state=data_state)
 
 
 def restore_newest_good(
     workdir: str,
-    abstract_state: Callable[[ml_collections.ConfigDict], Any],
+    abstract_items: Callable[[ml_collections.ConfigDict], dict[str, Any]],
     config: ml_collections.ConfigDict | None = None,
     step: int | None = None,
 ) -> tuple[Restored, list[CheckpointDamagedError]]:
@@ -305,7 +328,7 @@ def restore_newest_good(
     damaged: list[CheckpointDamagedError] = []
     for candidate in steps:
         try:
-            return restore_verified(manager, candidate, abstract_state, config), damaged
+            return restore_verified(manager, candidate, abstract_items, config), damaged
         except CheckpointDamagedError as err:
             if step is not None:
                 raise CheckpointDamagedError(

@@ -11,7 +11,17 @@ from PIL import Image
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Model-range floats [-1, 1] -> uint8 pixels (rounded, clipped)."""
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def side_by_side(outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """The images of several stages (or a stage's input and output) next to each other, each enlarged to
+    the largest size by pixel repetition so what each stage added stays visible: [N * len(outputs), R, R,
+    3] in row order, for `save_grid(..., columns=len(outputs) * k)`."""
+    size = max(x.shape[1] for x in outputs)
+    enlarged = [x.repeat(size // x.shape[1], axis=1).repeat(size // x.shape[2], axis=2) for x in outputs]
+    return np.stack(enlarged, axis=1).reshape(-1, *enlarged[-1].shape[1:])
 
 
 def make_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2) -> np.ndarray:

@@ -1,0 +1,173 @@
+"""Super-resolution stages and the cascade: an SR stage trains on crops and samples whole images, the
+pipeline runs text -> base -> SR with the text encoded once, and refuses stages that do not fit."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes, shapes_sr
+from imagen_jax.cascade.pipeline import Cascade
+from imagen_jax.cascade.sampling_cli import sample_to_grid
+from imagen_jax.errors import CheckpointNotFoundError, ConfigError
+from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import sampling
+from imagen_jax.training import loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _base_config(data_dir):
+    config = shapes.get_config("tiny")
+    config.text.train_jointly = False  # a frozen encoder, shared with the SR stage as in the paper
+    config.train.update(num_steps=2, checkpoint_every=2)
+    config.data.data_dir = data_dir
+    return config
+
+
+def _sr_config(data_dir):
+    config = shapes_sr.get_config("tiny")
+    config.train.update(num_steps=2, checkpoint_every=2, sample_every=2)
+    config.data.data_dir = data_dir
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base stage (32x32) and a tiny crop-trained SR stage (32 -> 64 on 32x32 crops), 2 steps each."""
+    root = tmp_path_factory.mktemp("cascade")
+    data = str(root / "data")
+    loop.train_and_evaluate(_base_config(data), str(root / "base"))
+    loop.train_and_evaluate(_sr_config(data), str(root / "sr"))
+    return root
+
+
+def test_sr_stage_trains_on_crops_and_samples_whole_images_compiling_once_per_size(trained):
+    # The training preview sampled the first batch's 16x16 low-res crops at the 32x32 crop size.
+    preview = trained / "sr" / "samples" / "step_0000002.png"
+    assert preview.is_file()
+    stage = stage_lib.load_stage(str(trained / "sr"))
+    assert stage.step == 2 and stage.resolution == 64 and stage.config.data.crop_resolution == 32
+    rng = np.random.default_rng(0)
+    lowres = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    prompts = ["a red circle", "a blue square"]
+    images = sampling.generate(stage, prompts, rng=jax.random.PRNGKey(0), lowres=lowres, num_steps=2)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+    program = sampling.sample_program(stage.config.xla_options)
+    compiled = program._cache_size()
+    other = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    again = sampling.generate(
+        stage, prompts, rng=jax.random.PRNGKey(0), lowres=other, num_steps=2, aug_level=0.3, guidance=2.0
+    )
+    assert program._cache_size() == compiled  # new inputs, level and weight: the same program
+    assert not np.array_equal(again, images)
+    with pytest.raises(ConfigError, match="low-res images"):
+        sampling.generate(stage, prompts, rng=jax.random.PRNGKey(0), num_steps=2)
+    with pytest.raises(ConfigError, match="outside"):
+        sampling.generate(stage, prompts, rng=jax.random.PRNGKey(0), lowres=lowres, aug_level=1.5)
+
+
+def test_the_cascade_samples_text_to_base_to_sr_with_the_text_encoded_once(trained, tmp_path, monkeypatch):
+    encoded = []
+    real = sampling.encode_prompts
+
+    def counting(stage, prompts):
+        encoded.append(len(prompts))
+        return real(stage, prompts)
+
+    monkeypatch.setattr("imagen_jax.cascade.pipeline.encode_prompts", counting)
+    monkeypatch.setattr(sampling, "encode_prompts", counting)
+    out = tmp_path / "grid.png"
+    png, txt = sample_to_grid(
+        str(trained / "base"),
+        prompts=["a red circle", "a small blue square"],
+        prompts_file=None,
+        num=2,
+        out=str(out),
+        num_steps=2,
+        sr_workdirs=[str(trained / "sr")],
+        sr_options=[{"num_steps": 2, "aug_level": 0.1}],
+    )
+    assert encoded == [4]  # once, for both stages
+    for name in ("grid.png", "grid.txt", "grid.stage1_32px.png", "grid.stage2_64px.png", "grid.stages.png"):
+        assert (tmp_path / name).is_file(), name
+    assert png == str(out) and txt.endswith("grid.txt")
+
+    cascade = Cascade.load([str(trained / "base"), str(trained / "sr")])
+    outputs = cascade.sample(["a red circle"] * 2, rng=jax.random.PRNGKey(3), options=[{"num_steps": 2}] * 2)
+    assert [o.shape for o in outputs] == [(2, 32, 32, 3), (2, 64, 64, 3)]
+    prefix = Cascade.load([str(trained / "base")]).sample(["a red circle"], rng=jax.random.PRNGKey(3))
+    assert len(prefix) == 1 and prefix[0].shape == (1, 32, 32, 3)
+
+
+def _built(config):
+    return stage_lib.build_stage(config)
+
+
+def test_the_cascade_refuses_stages_that_do_not_fit(trained, tmp_path):
+    data = str(tmp_path / "data")
+    base, sr = _built(_base_config(data)), _built(_sr_config(data))
+    with pytest.raises(ConfigError, match=r"stage 1 \(sr\) is a super-resolution stage"):
+        Cascade((sr, base), ("sr", "base")).check()
+    with pytest.raises(ConfigError, match=r"stage 2 \(base2\) is a base stage"):
+        Cascade((base, base), ("base", "base2")).check()
+    wrong = _sr_config(data)
+    wrong.data.update(resolution=32, lowres_resolution=16, crop_resolution=0)
+    with pytest.raises(ConfigError, match=r"upsamples 16x16 images, but stage 1 \(base\) makes 32x32"):
+        Cascade((base, _built(wrong)), ("base", "sr16")).check()
+    other_text = _sr_config(data)
+    other_text.text.seed = 7
+    with pytest.raises(ConfigError, match=r"another text encoder than stage 1 \(text.seed: 1 vs 7\)"):
+        Cascade((base, _built(other_text)), ("base", "sr")).check()
+    Cascade((base, _built(other_text)), ("base", "sr"), share_text=False).check()  # encoded per stage: fine
+    with pytest.raises(CheckpointNotFoundError, match="cascade stage 2 has no trained weights"):
+        Cascade.load([str(trained / "base"), str(tmp_path / "untrained")])
+
+
+def _imported_packages(package: pathlib.Path) -> set[str]:
+    names = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+    return {n.split(".")[1] for n in names if n.startswith("imagen_jax.") and n.count(".") >= 1}
+
+
+def test_the_stage_package_imports_neither_training_nor_the_cascade():
+    assert not _imported_packages(ROOT / "imagen_jax" / "stage") & {"training", "cascade", "evaluation"}
+    code = (
+        "import sys, imagen_jax.stage.build, imagen_jax.stage.sampling, imagen_jax.stage.checkpoint; "
+        "print(sorted(m for m in sys.modules if m.startswith(('imagen_jax.training', 'imagen_jax.cascade'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_sr_evaluation_measures_psnr_colour_shift_and_cascade_scores(trained, tmp_path):
+    from imagen_jax.evaluation import shapes_sr
+
+    truth = np.full((2, 8, 8, 3), 100, np.uint8)
+    noisy = truth.copy()
+    noisy[:, 0, 0, 0] = 116  # squared error 256 in 1 of 192 values: PSNR = 10 log10(255^2 * 192 / 256)
+    np.testing.assert_allclose(shapes_sr.psnr(noisy, truth), 10 * np.log10(255**2 * 192 / 256))
+    brighter = np.clip(truth.astype(int) + [3, 0, -2], 0, 255).astype(np.uint8)
+    np.testing.assert_allclose(shapes_sr.colour_shift(brighter, truth[:, :4, :4]), [[3, 0, -2]] * 2)
+
+    sr = stage_lib.load_stage(str(trained / "sr"))
+    base = stage_lib.load_stage(str(trained / "base"))
+    result = shapes_sr.evaluate_super_resolution(
+        sr, num_scenes=8, batch_size=8, seed=0, out_dir=str(tmp_path)
+    )
+    assert result["num_scenes"] == 8 and np.isfinite(result["psnr_gain_db"]["mean"])
+    assert (tmp_path / "sr_from_truth.png").is_file()
+    cascade = shapes_sr.evaluate_cascade(
+        base, sr, num_captions=8, batch_size=8, seed=0, out_dir=str(tmp_path)
+    )
+    assert cascade["base"]["overall"]["count"] == cascade["cascade"]["overall"]["count"] == 8
+    assert (tmp_path / "cascade.png").is_file()
