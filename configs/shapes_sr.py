@@ -3,7 +3,7 @@ r"""The shapes demo's super-resolution stage: 32x32 -> 128x128, the second stage
 Train the base stage (configs/shapes.py) and this stage, then sample and score the cascade:
 
   python train.py --config configs/shapes.py --workdir runs/shapes
-  python train.py --config configs/shapes_sr.py --workdir runs/shapes_sr
+  python train.py --config configs/shapes_sr.py --workdir runs/shapes_sr    # ~25 min on 2 CPU cores
   python sample.py --workdir runs/shapes --sr_workdir runs/shapes_sr --prompt "a large red circle" \
       --num 4 --out cascade.png
   python -m imagen_jax.evaluation.shapes_sr --workdir runs/shapes_sr --base_workdir runs/shapes

@@ -109,7 +109,7 @@ def _sample_grid(
     ema_stage = dataclasses.replace(stage, params=state.ema_params)
     images = generate(ema_stage, prompts, rng=jax.random.PRNGKey(seed), lowres=lowres)
     if lowres is not None:
-        save_grid(side_by_side([lowres, images]), [p for p in prompts for _ in "ab"], path, columns=8)
+        save_grid(side_by_side([lowres, images]), [p for p in prompts for _ in range(2)], path, columns=8)
         return
     save_grid(images, prompts, path, columns=min(len(prompts), 8), upscale=2)
 
