@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             norm_groups=32,
             patch_size=1,
             remat=False,
+            # True compiles 28 level blocks as 17 loop bodies (the SR stages' 44 as 12), but XLA:CPU ran
+            # the scanned backward pass many times slower; the GPU/TPU step is untimed (PHASES=scan).
+            scan_blocks=False,
             dtype="bfloat16",
             param_dtype="float32",
         )

@@ -36,13 +36,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("conv_out", None),
         ("norm", None),
         ("relpos_buckets", None),
+        ("layers", None),
     )
 
     # XLA compiler options per backend (space-separated name=value), for the train step and the samplers.
     # CPU: only YNNPACK's fused dot and reduce graphs, not its per-op convolution and matmul kernels or
-    # elementwise fusions (jax 0.10 defaults), which ran these U-Nets slower than XLA's own kernels: the
-    # demo's train step went from 53 to 73 img/s on the 2-core VM (README). In jax 0.10.2 these fusions
-    # crash XLA's compiler on bf16 models, hence fp32 on CPU (config_checks refuses the pair).
+    # elementwise fusions (jax 0.10 defaults), which ran these U-Nets slower than XLA's own kernels
+    # (docs/benchmarks.md). In jax 0.10.2 these fusions crash XLA's compiler on bf16 models, hence fp32 on
+    # CPU (config_checks refuses the pair).
     c.xla_options = ml_collections.ConfigDict(
         dict(
             cpu="xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
@@ -88,8 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text.max_length = 84  # the longest shapes caption is 80 bytes (+ EOS)
     c.text.seed = 1
     c.text.dtype = "float32"
-    # Frozen, as with a pretrained T5. On the demo the frozen seeded T5 beat joint training (shape 79.5% vs
-    # 72.0%, relation 47.5% vs 42.4% at guidance 2; README), and cached embeddings make steps ~17% faster.
+    # Frozen, as with a pretrained T5: on the demo the frozen seeded T5 beat joint training, and cached
+    # embeddings make every step cheaper (docs/shapes_demo.md).
     c.text.train_jointly = False
     # Frozen encoders only: precompute T5 embeddings of every training caption once and train from them.
     c.text.embedding_cache = True
@@ -129,6 +130,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             lowres_cond=False,  # True for a super-resolution stage (with data.lowres_resolution)
             lowres_upsample="bicubic",  # resizes the low-res input to the noisy image's size
             remat=False,  # recompute blocks in the backward pass (saves activation memory, costs FLOPs)
+            # Consecutive identical blocks as one scan (same function, parameters stacked). Off here: with
+            # two blocks a level few repeat, and XLA:CPU compiles the loop no faster and runs the scanned
+            # train step many times slower (docs/benchmarks.md).
+            scan_blocks=False,
             attention_impl="xla",  # self-attention kernel; "cudnn" = fused flash attention (GPU, bf16)
             # Compute dtype. "auto": float32 on CPU (fastest there with xla_options.cpu; bf16 gained
             # nothing), bfloat16 on GPU/TPU. Master weights stay float32.
@@ -166,11 +171,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64
-    # ~0.97 steps/s in the loop on 2 CPU cores: the time budget stops it near step 1,535, at ~11% of the peak
-    # learning rate (the measured run, README).
+    # On 2 CPU cores the time budget ends the run before this; num_steps sets how long the learning rate
+    # takes to decay (docs/shapes_demo.md).
     c.train.num_steps = 1_800
-    # Stop (and checkpoint) after this many minutes of the loop; dataset generation (~45 s), the embedding
-    # cache (~40 s) and compilation (~50 s) come before it, so the command stays under 30 minutes. 0 = none.
+    # Stop (and checkpoint) after this many minutes of the loop; dataset generation, the embedding cache
+    # and compilation come before it, so the command stays under 30 minutes. 0 = none.
     c.train.time_budget_minutes = 26.5
     c.train.log_every = 50
     c.train.checkpoint_every = 250
@@ -188,12 +193,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     c.sample = ml_collections.ConfigDict()
-    # Ancestral sampling: on this short-trained model 25-step DPM-Solver++ leaves visible speckle that the
-    # fresh noise of ancestral steps washes out (see README, shapes demo).
+    # Ancestral sampling: the fresh noise of each step corrects this short-trained model's errors, which
+    # the deterministic samplers (DDIM, DPM-Solver++ 2M) carry to the image at any step count; with it,
+    # 25 steps score as 100 do (docs/benchmarks.md, few-step sampling). "dpmpp2m_sde" is its second-order
+    # form.
     c.sample.sampler = "ddpm"
-    c.sample.num_steps = 100
+    c.sample.num_steps = 25
     c.sample.time_grid = "uniform"  # "quadratic" (denser near t=0) for 20-25 step DPM-Solver++
-    c.sample.guidance = 1.5  # 1 = no guidance; 1.5 scored best of 1/1.5/2 on the demo (README)
+    c.sample.guidance = 1.5  # 1 = no guidance; 1.5 scored best of 1/1.5/2 on the demo (docs/shapes_demo.md)
     c.sample.eta = 0.0
     c.sample.threshold = "dynamic"
     c.sample.percentile = 99.5

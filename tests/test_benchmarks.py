@@ -50,6 +50,24 @@ def test_train_step_benchmark_with_remat_counts_model_and_hardware_flops():
     assert result["hfu"] is None  # CPU
 
 
+def test_train_step_benchmark_of_a_scanned_unet_counts_the_unrolled_models_flops():
+    """XLA counts a loop body once: with `scan_blocks` the model's FLOPs come from the unrolled step's
+    lowering (within a few percent of the compiled count the unrolled form reports); the compile time is
+    split into lowering and XLA."""
+    results = []
+    for scan in (False, True):
+        config = get_config("tiny")
+        config.text.train_jointly = False
+        config.model.num_res_blocks = 2  # a run of two identical blocks on the down path
+        config.model.scan_blocks = scan
+        results.append(train_step.benchmark(config, "embeddings", iters=0, warmup=0, compile_only=True))
+    unrolled, scanned = results
+    assert scanned["flops_per_image"] == pytest.approx(unrolled["flops_per_image"], rel=0.05)
+    assert scanned["hardware_flops_per_image"] < 0.99 * scanned["flops_per_image"]
+    for r in results:
+        assert r["compile_seconds"] == pytest.approx(r["lower_seconds"] + r["xla_compile_seconds"])
+
+
 def test_train_step_benchmark_fit_batch_halves_a_batch_that_does_not_fit(monkeypatch):
     """--fit_batch: a batch whose plan exceeds the device limit is halved and compiled again (without the
     flag the step's memory error stands: tests/test_training.py). CPUs report no limit: the first check
@@ -74,6 +92,12 @@ def test_sampling_benchmark_rows():
     (row,) = rows
     assert row["sampler"] == "ddim" and row["batch"] == 8
     assert row["step_images_per_second"] == pytest.approx(row["denoising_steps_per_second"] * 8)
+
+
+def test_sampling_benchmark_compile_only_compiles_each_sampler_without_running():
+    rows = sampling.compile_only(get_config("tiny"), ["ddpm", "dpmpp2m_sde"], steps=2, batch=2)
+    assert [r["sampler"] for r in rows] == ["ddpm", "dpmpp2m_sde"]
+    assert all(r["lower_seconds"] > 0 and r["xla_compile_seconds"] > 0 for r in rows)
 
 
 class _Device:

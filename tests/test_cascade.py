@@ -13,7 +13,7 @@ import pytest
 from configs import shapes, shapes_sr
 from imagen_jax.cascade.pipeline import Cascade
 from imagen_jax.cascade.sampling_cli import sample_to_grid
-from imagen_jax.errors import CheckpointNotFoundError, ConfigError
+from imagen_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import sampling
 from imagen_jax.training import loop
@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _base_config(data_dir):
     config = shapes.get_config("tiny")
     config.text.train_jointly = False  # a frozen encoder, shared with the SR stage as in the paper
+    config.model.num_res_blocks = 2  # two identical blocks a level: a layout `scan_blocks` changes
     config.train.update(num_steps=2, checkpoint_every=2)
     config.data.data_dir = data_dir
     return config
@@ -69,6 +70,25 @@ def test_sr_stage_trains_on_crops_and_samples_whole_images_compiling_once_per_si
         sampling.generate(stage, prompts, rng=jax.random.PRNGKey(0), num_steps=2)
     with pytest.raises(ConfigError, match="outside"):
         sampling.generate(stage, prompts, rng=jax.random.PRNGKey(0), lowres=lowres, aug_level=1.5)
+
+
+def test_a_stage_trained_unrolled_samples_the_same_images_scanned(trained):
+    unrolled = stage_lib.load_stage(str(trained / "base"))
+    scanned = stage_lib.load_stage(str(trained / "base"), scan_blocks=True)
+    assert not unrolled.unet.scan_blocks and scanned.unet.scan_blocks and scanned.config.model.scan_blocks
+    runs = [r for r in scanned.unet.block_runs() if r.count > 1]
+    assert runs and all(r.scan_name in scanned.params["unet"] for r in runs)
+    prompts = ["a red circle", "a small blue square"]
+    images = [
+        sampling.generate(stage, prompts, rng=jax.random.PRNGKey(0), num_steps=3, guidance=2.0)
+        for stage in (unrolled, scanned)
+    ]
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1  # uint8 rounding at most
+    # Training resumes only in the layout it was trained in (the optimizer state has that layout too).
+    config = _base_config(str(trained / "data"))
+    config.model.scan_blocks = True
+    with pytest.raises(CheckpointError, match=r"model.scan_blocks: checkpoint False vs config True"):
+        stage_lib.load_stage(str(trained / "base"), config=config)
 
 
 def test_the_cascade_samples_text_to_base_to_sr_with_the_text_encoded_once(trained, tmp_path, monkeypatch):

@@ -14,9 +14,10 @@ from imagen_jax.diffusion import (
     ddim_step,
     ddpm_step,
     diffuse,
-    dpmpp_2m_step,
+    dpmpp_step,
     eps_from_x,
     expand_to,
+    extrapolated_x0,
     get_schedule,
     make_denoise_fn,
     sample,
@@ -62,20 +63,27 @@ def test_deterministic_steps_exact_for_known_x(logsnr_t, logsnr_s):
     lt, ls = jnp.float32(logsnr_t), jnp.float32(logsnr_s)
     np.testing.assert_allclose(ddim_step(x, eps, logsnr_t=lt, logsnr_s=ls), z_s, atol=1e-5)
     for first in (True, False):
-        z2 = dpmpp_2m_step(z_t, x, x, logsnr_prev=lt - 1.0, logsnr_t=lt, logsnr_s=ls, first=first)
-        np.testing.assert_allclose(z2, z_s, atol=1e-5)
+        d = extrapolated_x0(x, x, logsnr_prev=lt - 1.0, logsnr_t=lt, logsnr_s=ls, first=first)
+        np.testing.assert_allclose(dpmpp_step(z_t, d, logsnr_t=lt, logsnr_s=ls), z_s, atol=1e-5)
 
 
 def test_dpmpp_2m_second_order_term():
     # x0_hat linear in lambda = logsnr/2: x0(lambda) = a + b*lambda. 2M uses D = x0_t + h/(2 h_prev) *
-    # (x0_t - x0_prev), i.e. x0 at the midpoint lambda_t + h/2; compare with the first-order step fed that.
+    # (x0_t - x0_prev), i.e. exactly x0 at the midpoint lambda_t + h/2.
     lt, ls, lp = jnp.float32(0.0), jnp.float32(2.0), jnp.float32(-1.0)
-    z = jnp.linspace(-1.0, 1.0, 5)
     x_at = lambda lam: 0.3 + 0.2 * lam / 2.0
-    z2 = dpmpp_2m_step(z, x_at(lt), x_at(lp), logsnr_prev=lp, logsnr_t=lt, logsnr_s=ls, first=False)
-    mid = x_at(lt + (ls - lt) / 2.0)
-    z1 = dpmpp_2m_step(z, mid, mid, logsnr_prev=lp, logsnr_t=lt, logsnr_s=ls, first=True)
-    np.testing.assert_allclose(z2, z1, atol=1e-6)
+    d = extrapolated_x0(x_at(lt), x_at(lp), logsnr_prev=lp, logsnr_t=lt, logsnr_s=ls, first=False)
+    np.testing.assert_allclose(d, x_at(lt + (ls - lt) / 2.0), atol=1e-6)
+
+
+def test_extrapolated_x0_is_2ms_prediction_and_x0_hat_when_first():
+    lt, ls, lp = jnp.float32(-1.0), jnp.float32(1.5), jnp.float32(-3.0)
+    x, x_prev = jnp.linspace(-1.0, 1.0, 5) * 0.4, jnp.linspace(-1.0, 1.0, 5) * -0.2
+    kw = dict(logsnr_prev=lp, logsnr_t=lt, logsnr_s=ls)
+    np.testing.assert_array_equal(extrapolated_x0(x, x_prev, first=True, **kw), x)
+    # D = x + h / (2 h_prev) * (x - x_prev), h and h_prev in lambda = logsnr / 2.
+    k = (2.5 / 2) / (2 * 2.0 / 2)
+    np.testing.assert_allclose(extrapolated_x0(x, x_prev, first=False, **kw), x + k * (x - x_prev), atol=1e-6)
 
 
 def test_ddpm_step_is_gaussian_posterior():
@@ -109,6 +117,8 @@ def test_ddpm_step_is_gaussian_posterior():
         # Few uniform steps end with a big log-SNR jump into t=0; the first-order final step keeps 2M at
         # ~-1.6% std here, extrapolating over it would give ~+12%.
         ("cosine", "dpmpp2m", 20, "uniform", 0.03),
+        ("cosine", "dpmpp2m_sde", 25, "quadratic", 0.02),
+        ("linear", "dpmpp2m_sde", 50, "quadratic", 0.02),
     ],
 )
 def test_sampler_reproduces_gaussian(schedule, sampler, num_steps, time_grid, tol):
@@ -146,7 +156,7 @@ def test_ddim_eta_one_equals_ancestral():
     assert not np.allclose(ddim0, ddpm, atol=1e-2)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m", "dpmpp2m_sde"])
 def test_determinism_and_single_compile(sampler):
     traces = []
 

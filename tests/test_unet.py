@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax.models.unet import UNet, compute_dtype, unet_from_config
+from imagen_jax.models.unet import UNet, compute_dtype, convert_layout, unet_from_config
 
 TEXT_D = 12
 SMALL = dict(
@@ -227,6 +227,68 @@ def test_remat_keeps_parameters_outputs_and_gradients():
     ]
     regions = [len(re.findall(r"\b(?:remat\w*|checkpoint)\[", j)) for j in jaxprs]  # the name varies by jax
     assert regions[0] == 0 and regions[1] >= 3, regions
+
+
+@pytest.mark.parametrize("efficient,remat", [(False, False), (True, True)])
+def test_scanned_blocks_compute_the_unrolled_function(efficient, remat):
+    """`scan_blocks` changes the program, not the maths: the unrolled parameters, stacked by
+    `convert_layout`, are exactly the scanned model's own layout and give the same outputs and gradients
+    (also with the blocks rematerialised inside the scan)."""
+    z, logsnr, text, mask = _inputs()
+    config = {**SMALL, "num_res_blocks": 3, "cross_attention": (True, True), "efficient": efficient}
+    unrolled = UNet(**config, scan_blocks=False)
+    scanned = UNet(**config, scan_blocks=True, remat=remat)
+    runs = [r for r in scanned.block_runs() if r.count > 1]
+    assert len(runs) >= 3
+    boxed = jax.jit(unrolled.init)(jax.random.PRNGKey(1), z, logsnr, text, mask)["params"]
+    leaves, tree = jax.tree.flatten(nn.unbox(boxed))
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    noise = [0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    params = tree.unflatten([x + n for x, n in zip(leaves, noise, strict=True)])
+    stacked = convert_layout(params, scanned, scanned=True)
+    own = jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(1), z, logsnr, text, mask)["params"])
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, nn.unbox(own))
+    for run in runs:
+        assert all(not k.startswith(tuple(f"{n}_" for n in run.block_names())) for k in stacked)
+        assert stacked[run.scan_name]["res"]["conv1"]["kernel"].shape[0] == run.count
+        # The stacking axis has its own logical name (replicated by the default rules).
+        assert tuple(nn.get_partition_spec(own)[run.scan_name]["res"]["conv1"]["kernel"]) == (
+            "layers", None, None, "conv_in", "conv_out"
+        )
+
+    def loss(model, p):
+        return jnp.mean(model.apply({"params": p}, z, logsnr, text, mask) ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+    (l_unrolled, g_unrolled), (l_scanned, g_scanned) = grad(unrolled, params), grad(scanned, stacked)
+    np.testing.assert_allclose(l_unrolled, l_scanned, rtol=1e-6)
+    g_scanned = convert_layout(g_scanned, scanned, scanned=False)
+    for a, b in zip(jax.tree.leaves(g_unrolled), jax.tree.leaves(g_scanned), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    back = convert_layout(stacked, scanned, scanned=False)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Converting is idempotent: a tree already in the asked layout comes back as it is.
+    assert convert_layout(stacked, scanned, scanned=True).keys() == stacked.keys()
+
+
+def test_block_runs_of_the_paper_base_unet():
+    from configs import imagen_base64
+
+    unet = unet_from_config(imagen_base64.get_config("bench").model)
+    runs = unet.block_runs()
+    assert sum(r.count for r in runs) == 4 * 3 + 4 * 4  # 3 blocks a level down, 3 + 1 up
+    assert [r.scan_name for r in runs if r.count > 1] == [
+        "down0_0to2",  # every block reads the 512-wide stem
+        "down1_1to2",  # block 0 of levels 1-3 widens the downsampled features
+        "down2_1to2",
+        "down3_1to2",
+        "up3_0to2",  # up blocks concatenate a skip: the last of a level reads the previous level's width
+        "up2_1to2",
+        "up1_1to2",
+        "up0_1to3",
+    ]
 
 
 def test_auto_compute_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators():

@@ -1,4 +1,10 @@
-"""Samplers on the continuous log-SNR schedule: ancestral DDPM, DDIM (eta) and DPM-Solver++(2M).
+"""Samplers on the continuous log-SNR schedule: ancestral DDPM, DDIM (eta), DPM-Solver++(2M) and its
+stochastic form DPM-Solver++(2M) SDE.
+
+DPM-Solver++(2M) SDE with r = exp(-2h) = snr_t / snr_s moves z_t to
+    z_s = (sigma_s/sigma_t) e^{-h} z_t + alpha_s (1 - r) D + sigma_s sqrt(1 - r) noise,
+which is exactly the ancestral (DDPM) posterior step with x0_hat replaced by 2M's extrapolated prediction
+D: its fresh noise corrects the model's errors as ancestral sampling does, and D makes it second order.
 
 Time grid: N steps from t_N = 1 down to t_0 = 0, each moving z from t_i to t_{i-1}. "uniform" (default):
 t_i = i/N. "quadratic": t_i = (i/N)^2, denser near t=0 where log-SNR changes fastest; few-step DPM-Solver++
@@ -25,7 +31,7 @@ from imagen_jax.diffusion.guidance import guided_model, threshold_x0
 from imagen_jax.diffusion.objectives import eps_from_x, prediction_to_x_eps
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp2m_sde")
 TIME_GRIDS = ("uniform", "quadratic")
 
 DenoiseFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -104,8 +110,7 @@ def ddim_step(
     return z_s
 
 
-def dpmpp_2m_step(
-    z: jax.Array,
+def extrapolated_x0(
     x0_hat: jax.Array,
     x0_prev: jax.Array,
     *,
@@ -114,19 +119,22 @@ def dpmpp_2m_step(
     logsnr_s: jax.Array,
     first: jax.Array | bool,
 ) -> jax.Array:
-    """DPM-Solver++(2M): multistep second order in lambda = log(alpha/sigma) = logsnr/2, data prediction.
-
-    First order (= DDIM): z_s = (sigma_s/sigma_t) z_t - alpha_s expm1(-h) x0_hat, h = lambda_s - lambda_t.
-    Second order replaces x0_hat by D = (1 + 1/(2q)) x0_hat - 1/(2q) x0_prev with q = h_prev / h, a
-    linear extrapolation in lambda from the previous step's prediction. `first` selects first order.
-    """
-    _, sigma_t = alpha_sigma(logsnr_t)
-    alpha_s, sigma_s = alpha_sigma(logsnr_s)
+    """DPM-Solver++(2M)'s data prediction D = (1 + 1/(2q)) x0_hat - 1/(2q) x0_prev, q = h_prev / h, with
+    h = lambda_s - lambda_t in lambda = logsnr/2: a linear extrapolation in lambda from the previous step's
+    prediction to the middle of this step. `first` (no usable history) gives x0_hat itself."""
     h = 0.5 * (logsnr_s - logsnr_t)
     h_prev = 0.5 * (logsnr_t - logsnr_prev)
     k = 0.5 * h / jnp.where(first, 1.0, h_prev)  # 1/(2q); guarded so the unused branch stays finite
-    d = jnp.where(first, x0_hat, (1.0 + k) * x0_hat - k * x0_prev)
-    return (sigma_s / sigma_t) * z - (alpha_s * jnp.expm1(-h)) * d
+    return jnp.where(first, x0_hat, (1.0 + k) * x0_hat - k * x0_prev)
+
+
+def dpmpp_step(z: jax.Array, d: jax.Array, *, logsnr_t: jax.Array, logsnr_s: jax.Array) -> jax.Array:
+    """DPM-Solver++ in lambda = log(alpha/sigma) = logsnr/2 from a data prediction d:
+    z_s = (sigma_s/sigma_t) z_t - alpha_s expm1(-h) d, h = lambda_s - lambda_t. With d = x0_hat it is first
+    order (= DDIM); with d = `extrapolated_x0` it is DPM-Solver++(2M), multistep second order."""
+    _, sigma_t = alpha_sigma(logsnr_t)
+    alpha_s, sigma_s = alpha_sigma(logsnr_s)
+    return (sigma_s / sigma_t) * z - (alpha_s * jnp.expm1(-0.5 * (logsnr_s - logsnr_t))) * d
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +169,8 @@ def sample(
     init_key, loop_key = jax.random.split(rng)
     z = jax.random.normal(init_key, shape, dtype) if z_init is None else jnp.asarray(z_init, dtype)
     # No noise draws in the deterministic samplers (a python eta of 0 is known to be deterministic).
-    noisy = sampler == "ddpm" or (sampler == "ddim" and not (isinstance(eta, (int, float)) and eta == 0))
+    deterministic_ddim = isinstance(eta, (int, float)) and eta == 0
+    noisy = sampler in ("ddpm", "dpmpp2m_sde") or (sampler == "ddim" and not deterministic_ddim)
     batch = shape[0]
 
     def logsnr_at(j):  # log-SNR at grid point t_j, j = N..0
@@ -184,15 +193,14 @@ def sample(
         else:
             # First step: no history. Step into t=0: first order, since the log-SNR jump there is the largest
             # on any grid and extrapolating x0_hat over it overshoots (DPM-Solver's "lower order final").
-            z_s = dpmpp_2m_step(
-                zf,
-                x0_hat,
-                x0_prev,
-                logsnr_prev=logsnr_prev,
-                logsnr_t=logsnr_t,
-                logsnr_s=logsnr_s,
-                first=(i == 0) | (i >= num_steps - 1),
+            first = (i == 0) | (i >= num_steps - 1)
+            d = extrapolated_x0(
+                x0_hat, x0_prev, logsnr_prev=logsnr_prev, logsnr_t=logsnr_t, logsnr_s=logsnr_s, first=first
             )
+            if sampler == "dpmpp2m":
+                z_s = dpmpp_step(zf, d, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
+            else:  # the SDE form: an ancestral step from the extrapolated prediction
+                z_s = ddpm_step(zf, d, logsnr_t=logsnr_t, logsnr_s=logsnr_s, noise=noise)
         z_next = jnp.where(i == num_steps, x0_hat, z_s).astype(dtype)
         return z_next, x0_hat, logsnr_t
 

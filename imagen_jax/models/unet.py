@@ -13,6 +13,7 @@ LayerNorm-ed and projected, then read by cross-attention at the levels that ask 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,99 @@ _REMAT_BLOCKS = (
     nn.remat(layers.SelfAttention),
     nn.remat(layers.CrossAttention),
 )
+# The parts of one level block, in order; a block's parameters are `<block>_<part>` (plain) or
+# `<run>/<part>` with a leading axis over the run's blocks (scanned).
+BLOCK_PARTS = ("res", "attn", "xattn")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """What one level block computes: an optional skip concatenation, a residual block, then optional
+    self- and cross-attention. Hashable, so a scanned module can hold it as a field."""
+
+    width: int
+    self_attn: bool
+    cross_attn: bool
+    heads: int
+    head_dim: int
+    norm_groups: int
+    dropout: float
+    attention_impl: str
+    learned_null: bool
+    skip_scale: float
+    remat: bool
+    train: bool
+    dtype: Any
+    param_dtype: Any
+
+
+def _level_block(
+    spec: BlockSpec,
+    prefix: str,
+    h: jax.Array,
+    skip: jax.Array | None,
+    cond: jax.Array,
+    tokens: jax.Array,
+    text_mask: jax.Array,
+) -> jax.Array:
+    """One level block, its parts named `<prefix><part>` in the module whose method calls this."""
+    kw = dict(dtype=spec.dtype, param_dtype=spec.param_dtype)
+    res_block, self_attention, cross_attention = _REMAT_BLOCKS if spec.remat else _PLAIN_BLOCKS
+    if skip is not None:
+        h = jnp.concatenate([h, skip * spec.skip_scale], axis=-1)
+    h = res_block(spec.width, spec.norm_groups, spec.dropout, name=f"{prefix}res", **kw)(h, cond, spec.train)
+    if spec.self_attn:
+        h = self_attention(
+            spec.heads, spec.head_dim, spec.norm_groups, spec.attention_impl, name=f"{prefix}attn", **kw
+        )(h)
+    if spec.cross_attn:
+        h = cross_attention(spec.heads, spec.head_dim, spec.learned_null, name=f"{prefix}xattn", **kw)(
+            h, tokens, text_mask
+        )
+    return h
+
+
+class _ScannedBlock(nn.Module):
+    """The body of a scan over identical level blocks: carries the image features, reads one skip per
+    block (up path) and emits each block's output (the down path's skips)."""
+
+    spec: BlockSpec
+
+    @nn.compact
+    def __call__(
+        self, h: jax.Array, skip: jax.Array | None, cond: jax.Array, tokens: jax.Array, text_mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        h = _level_block(self.spec, "", h, skip, cond, tokens, text_mask)
+        return h, h
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRun:
+    """Consecutive blocks of one level with identical input shapes: one `nn.scan` when the U-Net is
+    scanned (`count` > 1), so the compiled program holds the block once."""
+
+    path: str  # "down" or "up"
+    level: int
+    first: int  # index of the first block within the level
+    count: int
+
+    def block_names(self) -> list[str]:
+        return [f"{self.path}{self.level}_{i}" for i in range(self.first, self.first + self.count)]
+
+    @property
+    def scan_name(self) -> str:
+        return f"{self.path}{self.level}_{self.first}to{self.first + self.count - 1}"
+
+
+def _runs(path: str, level: int, input_shapes: Sequence[Any]) -> list[BlockRun]:
+    """Groups a level's blocks into runs of equal input shapes."""
+    runs: list[BlockRun] = []
+    for i, shape in enumerate(input_shapes):
+        if i and shape == input_shapes[i - 1]:
+            runs[-1] = dataclasses.replace(runs[-1], count=runs[-1].count + 1)
+        else:
+            runs.append(BlockRun(path, level, i, 1))
+    return runs
 
 
 class UNet(nn.Module):
@@ -80,6 +174,11 @@ class UNet(nn.Module):
     # Recompute each residual and attention block in the backward pass instead of keeping its activations
     # (paper-size U-Nets on one accelerator); the base U-Net's step then executes ~18% more FLOPs.
     remat: bool = False
+    # Run each level's consecutive identical blocks as one `nn.scan`, so the compiled program holds each
+    # distinct block once (a smaller program, the same function). A scanned run's parameters are stacked
+    # along a leading axis; `convert_layout` converts between the two layouts. Off by default: XLA:CPU
+    # runs the scanned backward pass far slower (docs/benchmarks.md).
+    scan_blocks: bool = False
     # Self-attention kernel: "xla" (any backend) or "cudnn" (fused flash attention: GPU, bf16/fp16 only).
     # Cross-attention over the short text stays on XLA.
     attention_impl: str = "xla"
@@ -142,36 +241,78 @@ class UNet(nn.Module):
         )(nn.silu(pooled))
         return cond, tokens
 
-    def _blocks(self) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
-        """(ResBlock, SelfAttention, CrossAttention), rematerialised when `remat` (same parameter names)."""
-        return _REMAT_BLOCKS if self.remat else _PLAIN_BLOCKS
+    def _widths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(per-level widths, per-level block counts)."""
+        levels = len(self.channel_mults)
+        num_blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
+        return tuple(self.channels * m for m in self.channel_mults), num_blocks
 
-    def _level_block(
+    def block_runs(self) -> tuple[BlockRun, ...]:
+        """The level blocks of the down and up paths grouped into runs of identical blocks, from the
+        channel counts alone (the same plan for every image size). A block is identified by the width
+        of its input and, on the ADM up path, of the skip it concatenates."""
+        widths, num_blocks = self._widths()
+        levels = len(widths)
+        runs: list[BlockRun] = []
+        h = widths[0]  # conv_in
+        skips = [] if self.efficient else [h]
+        for level in range(levels):
+            if self.efficient and level > 0:
+                h = widths[level]
+            inputs = []
+            for _ in range(num_blocks[level]):
+                inputs.append(h)
+                h = widths[level]
+                if not self.efficient:
+                    skips.append(h)
+            runs += _runs("down", level, inputs)
+            if self.efficient or level < levels - 1:
+                skips.append(h)  # efficient: the level's output; ADM: the downsampled features
+        for level in reversed(range(levels)):
+            inputs = []
+            if self.efficient:
+                h += skips.pop()
+                for _ in range(num_blocks[level]):
+                    inputs.append(h)
+                    h = widths[level]
+                h = widths[level - 1] if level > 0 else h
+            else:
+                for _ in range(num_blocks[level] + 1):
+                    inputs.append((h, skips.pop()))
+                    h = widths[level]
+            runs += _runs("up", level, inputs)
+        return tuple(runs)
+
+    def _run_blocks(
         self,
+        run: BlockRun,
+        spec: BlockSpec,
         h: jax.Array,
+        skips: list[jax.Array] | None,
         cond: jax.Array,
         tokens: jax.Array,
         text_mask: jax.Array,
-        *,
-        width: int,
-        self_attn: bool,
-        cross_attn: bool,
-        name: str,
-        train: bool,
-    ) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        res_block, self_attention, cross_attention = self._blocks()
-        h = res_block(width, self.norm_groups, self.dropout, name=f"{name}_res", **kw)(h, cond, train)
-        heads, head_dim = self._heads(width)
-        if self_attn:
-            h = self_attention(
-                heads, head_dim, self.norm_groups, self.attention_impl, name=f"{name}_attn", **kw
-            )(h)
-        if cross_attn:
-            h = cross_attention(heads, head_dim, self._learned_null(), name=f"{name}_xattn", **kw)(
-                h, tokens, text_mask
-            )
-        return h
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        """Runs the blocks of `run` (each reading the next of `skips`, if given): (output, every block's
+        output)."""
+        if not (self.scan_blocks and run.count > 1):
+            outs = []
+            for i, name in enumerate(run.block_names()):
+                h = _level_block(spec, f"{name}_", h, skips[i] if skips else None, cond, tokens, text_mask)
+                outs.append(h)
+            return h, outs
+        scan = nn.scan(
+            _ScannedBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=run.count,
+            metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+        )
+        h, outs = scan(spec, name=run.scan_name)(
+            h, jnp.stack(skips) if skips else None, cond, tokens, text_mask
+        )
+        return h, list(outs)
 
     @nn.compact
     def __call__(
@@ -189,11 +330,10 @@ class UNet(nn.Module):
 
         A row whose mask is all False is the unconditional (null-text) case.
         """
-        levels = len(self.channel_mults)
-        num_blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
+        widths, num_blocks = self._widths()
+        levels = len(widths)
         self_attn = _per_level(self.self_attention, levels, "self_attention")
         cross_attn = _per_level(self.cross_attention, levels, "cross_attention")
-        widths = [self.channels * m for m in self.channel_mults]
         factor = self.patch_size * 2 ** (levels - 1)
         if z.shape[1] % factor or z.shape[2] % factor:
             raise ValueError(
@@ -218,17 +358,26 @@ class UNet(nn.Module):
             )
         h = layers.conv(widths[0], name="conv_in", **kw)(x.astype(self.dtype))
 
-        block = lambda h, level, name: self._level_block(  # noqa: E731
-            h,
-            cond,
-            tokens,
-            text_mask,
-            width=widths[level],
-            self_attn=self_attn[level],
-            cross_attn=cross_attn[level],
-            name=name,
-            train=train,
-        )
+        def spec(level: int) -> BlockSpec:
+            heads, head_dim = self._heads(widths[level])
+            return BlockSpec(
+                width=widths[level],
+                self_attn=self_attn[level],
+                cross_attn=cross_attn[level],
+                heads=heads,
+                head_dim=head_dim,
+                norm_groups=self.norm_groups,
+                dropout=self.dropout,
+                attention_impl=self.attention_impl,
+                learned_null=self._learned_null(),
+                skip_scale=self.skip_scale,
+                remat=self.remat,
+                train=train,
+                **kw,
+            )
+
+        runs = self.block_runs()
+        level_runs = lambda path, level: [r for r in runs if (r.path, r.level) == (path, level)]  # noqa: E731
         skips = []
         # Down path.
         if not self.efficient:
@@ -236,10 +385,10 @@ class UNet(nn.Module):
         for level in range(levels):
             if self.efficient and level > 0:  # DBlock: downsample first
                 h = layers.Downsample(widths[level], name=f"down{level}_sample", **kw)(h)
-            for i in range(num_blocks[level]):
-                h = block(h, level, f"down{level}_{i}")
+            for run in level_runs("down", level):
+                h, outs = self._run_blocks(run, spec(level), h, None, cond, tokens, text_mask)
                 if not self.efficient:
-                    skips.append(h)
+                    skips += outs
             if self.efficient:
                 skips.append(h)
             elif level < levels - 1:
@@ -247,25 +396,21 @@ class UNet(nn.Module):
                 skips.append(h)
 
         # Middle: always attends (lowest resolution is cheap).
-        h = block(h, levels - 1, "mid_0")
-        h = self._blocks()[0](widths[-1], self.norm_groups, self.dropout, name="mid_1_res", **kw)(
-            h, cond, train
-        )
+        mid = spec(levels - 1)
+        h = _level_block(mid, "mid_0_", h, None, cond, tokens, text_mask)
+        res_only = dataclasses.replace(mid, self_attn=False, cross_attn=False)
+        h = _level_block(res_only, "mid_1_", h, None, cond, tokens, text_mask)
 
         # Up path.
         for level in reversed(range(levels)):
             if self.efficient:
                 h = jnp.concatenate([h, skips.pop() * self.skip_scale], axis=-1)
-                for i in range(num_blocks[level]):
-                    h = block(h, level, f"up{level}_{i}")
-                if level > 0:  # UBlock: upsample last
-                    h = layers.Upsample(widths[level - 1], name=f"up{level}_sample", **kw)(h)
-            else:
-                for i in range(num_blocks[level] + 1):
-                    h = jnp.concatenate([h, skips.pop() * self.skip_scale], axis=-1)
-                    h = block(h, level, f"up{level}_{i}")
-                if level > 0:
-                    h = layers.Upsample(widths[level], name=f"up{level}_sample", **kw)(h)
+            for run in level_runs("up", level):
+                used = None if self.efficient else [skips.pop() for _ in range(run.count)]
+                h, _ = self._run_blocks(run, spec(level), h, used, cond, tokens, text_mask)
+            if level > 0:  # UBlock: upsample last
+                out_width = widths[level - 1] if self.efficient else widths[level]
+                h = layers.Upsample(out_width, name=f"up{level}_sample", **kw)(h)
 
         h = nn.silu(
             layers.group_norm(self.norm_groups, h.shape[-1], name="norm_out", param_dtype=self.param_dtype)(h)
@@ -304,3 +449,25 @@ def unet_from_config(model_config: ml_collections.ConfigDict) -> UNet:
     if unknown:
         raise ConfigError(f"unknown config.model keys {unknown}; allowed keys: {sorted(known)}.")
     return UNet(**kwargs)
+
+
+def convert_layout(params: dict[str, Any], unet: UNet, *, scanned: bool) -> dict[str, Any]:
+    """The U-Net's parameters (`{"conv_in": ..., ...}`) in the scanned layout (each run of identical
+    blocks under one name, stacked along a leading axis) or the unrolled one (one entry per block part),
+    from either layout; the values are the same arrays, so both forms compute the same function."""
+    out = dict(params)
+    for run in unet.block_runs():
+        if run.count < 2:
+            continue
+        names = run.block_names()
+        if scanned and run.scan_name not in out:
+            parts = [part for part in BLOCK_PARTS if f"{names[0]}_{part}" in out]
+            out[run.scan_name] = {
+                part: jax.tree.map(lambda *xs: jnp.stack(xs), *[out.pop(f"{n}_{part}") for n in names])
+                for part in parts
+            }
+        elif not scanned and run.scan_name in out:
+            for part, stacked in out.pop(run.scan_name).items():
+                for i, name in enumerate(names):
+                    out[f"{name}_{part}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out

@@ -15,3 +15,4 @@ CONV_IN = "conv_in"  # input channels of a convolution kernel
 CONV_OUT = "conv_out"  # output channels of a convolution kernel
 NORM = "norm"  # scale/bias vectors of normalisation layers
 REL_BUCKETS = "relpos_buckets"  # T5 relative position buckets
+LAYERS = "layers"  # the stacking axis of the parameters of blocks run as one scan

@@ -34,6 +34,7 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     (axes.CONV_OUT, None),
     (axes.NORM, None),
     (axes.REL_BUCKETS, None),
+    (axes.LAYERS, None),
 )
 
 

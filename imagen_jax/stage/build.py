@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from imagen_jax.diffusion import schedules
 from imagen_jax.errors import ConfigError
-from imagen_jax.models.unet import UNet, unet_from_config
+from imagen_jax.models.unet import UNet, convert_layout, unet_from_config
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
 from imagen_jax.stage import checkpoint
@@ -157,11 +157,13 @@ def load_stage(
     config: ml_collections.ConfigDict | None = None,
     mesh: Mesh | None = None,
     use_ema: bool = True,
+    scan_blocks: bool | None = None,
 ) -> Stage:
     """The stage trained in `workdir` with its EMA (or raw, `use_ema=False`) weights only, from the newest
     checkpoint that verifies (a damaged newer one is named in a warning; an explicit `step` must verify).
-    The config comes from the checkpoint unless given. Its samplers compile through the run's compilation
-    cache."""
+    The config comes from the checkpoint unless given. `scan_blocks` converts the U-Net to the scanned
+    (True) or unrolled (False) form whatever form it trained in (None: as trained). Its samplers compile
+    through the run's compilation cache."""
     built: list[Stage] = []
     item = "ema_params" if use_ema else "params"
 
@@ -171,5 +173,11 @@ def load_stage(
 
     restored, _ = checkpoint.restore_newest_good(workdir, abstract_items, config, step)
     stage = built[-1]
+    params = restored.items[item]
+    if scan_blocks is not None and scan_blocks != stage.unet.scan_blocks:
+        params = {**params, "unet": convert_layout(params["unet"], stage.unet, scanned=scan_blocks)}
+        cfg = stage.config.copy_and_resolve_references()
+        cfg.model.scan_blocks = scan_blocks
+        stage = dataclasses.replace(stage, config=cfg, unet=stage.unet.clone(scan_blocks=scan_blocks))
     xla_options.use_compilation_cache(stage.config, workdir)
-    return dataclasses.replace(stage, params=restored.items[item], step=restored.step)
+    return dataclasses.replace(stage, params=params, step=restored.step)

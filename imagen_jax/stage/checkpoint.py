@@ -264,6 +264,9 @@ def restore_verified(
     saved_config = _restore_item(manager, step, "config", ocp.args.JsonRestore())
     if not isinstance(saved_config, dict):
         raise CheckpointDamagedError(path, "config: not a JSON object")
+    # Checkpoints written before `model.scan_blocks` existed hold every block unrolled.
+    if isinstance(saved_config.get("model"), dict):
+        saved_config["model"].setdefault("scan_blocks", False)
     if config is not None:
         current = config_to_json_dict(config)
         diffs = [d for k in ARCHITECTURE_KEYS for d in _differences(saved_config.get(k), current.get(k), k)]
