@@ -128,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with open(out, "w") as f:
         json.dump(
             {
-                "settings": {"time_grid": args.time_grid, "threshold": args.threshold, "step": stage.step},
+                "settings": {
+                    "time_grid": args.time_grid or stage.config.sample.time_grid,
+                    "threshold": args.threshold or stage.config.sample.threshold,
+                    "step": stage.step,
+                },
                 "runs": results,
             },
             f,

@@ -330,7 +330,7 @@ class UNet(nn.Module):
 
         A row whose mask is all False is the unconditional (null-text) case.
         """
-        widths, num_blocks = self._widths()
+        widths, _ = self._widths()
         levels = len(widths)
         self_attn = _per_level(self.self_attention, levels, "self_attention")
         cross_attn = _per_level(self.cross_attention, levels, "cross_attention")
