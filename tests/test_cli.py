@@ -119,7 +119,11 @@ def test_verbose_shows_the_traceback(tmp_path):
 @pytest.mark.parametrize(
     "args, message, status",
     [
-        (["--sampler=foo", "--prompt=x"], "--sampler=foo: value should be one of <ddpm|ddim|dpmpp2m>", 2),
+        (
+            ["--sampler=foo", "--prompt=x"],
+            "--sampler=foo: value should be one of <ddpm|ddim|dpmpp2m|dpmpp2m_sde>",
+            2,
+        ),
         (["--threshold=maybe", "--prompt=x"], "--threshold=maybe: value should be one of", 2),
         (["--num=0", "--prompt=x"], "--num must be >= 1, got 0.", 2),
         (["--steps=0", "--prompt=x"], "--steps must be >= 1, got 0.", 2),
