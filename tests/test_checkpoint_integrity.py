@@ -133,9 +133,9 @@ DAMAGE = {
 }
 # What names the damage: the file manifest (fast, exact file) when present, else the restore itself.
 WITH_MANIFEST = {
-    "truncated array data": r"ema_params/ocdbt.process_0/d/\w+ is \d+ bytes, \d+ when written",
-    "zeroed array data": r"ema_params/ocdbt.process_0/d/\w+ changed after it was written",
-    "flipped array bytes": r"ema_params/ocdbt.process_0/d/\w+ changed after it was written",
+    "truncated array data": r"ema_params/(ocdbt.process_0/)?d/\w+ is \d+ bytes, \d+ when written",
+    "zeroed array data": r"ema_params/(ocdbt.process_0/)?d/\w+ changed after it was written",
+    "flipped array bytes": r"ema_params/(ocdbt.process_0/)?d/\w+ changed after it was written",
     "emptied array metadata": r"train/_METADATA is 0 bytes",
     "emptied OCDBT manifest": r"train/manifest.ocdbt is 0 bytes",
     "deleted array metadata": r"train/_METADATA is missing",
@@ -144,11 +144,11 @@ WITH_MANIFEST = {
     "deleted digests": r"integrity/\S+ is missing",
 }
 WITHOUT_MANIFEST = {
-    "truncated array data": r"ema_params: OUT_OF_RANGE: Error reading .* byte range",
-    "zeroed array data": r"ema_params: \w+: Error reading",
+    "truncated array data": r"ema_params: OUT_OF_RANGE: .*Error reading .* byte range",
+    "zeroed array data": r"ema_params: \w+: .*Error reading",
     # Flipped bytes inside compressed chunks either decode to other values (the digests catch them) or
     # fail to decode: both are named.
-    "flipped array bytes": r"ema_params: ([\w/]+: content differs from the saved|\w+: Error reading)",
+    "flipped array bytes": r"ema_params: ([\w/]+: content differs from the saved|\w+: .*Error reading)",
     "emptied array metadata": r"train: JSONDecodeError",
     "emptied OCDBT manifest": r"train: DATA_LOSS: .*manifest.ocdbt",
     "deleted array metadata": r"train: \w+",
