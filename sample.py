@@ -9,7 +9,9 @@ r"""Sample a PNG grid from a trained base stage, optionally through super-resolu
 Each prompt is drawn --num times (one grid row per prompt); the prompts are written beside the PNG. With
 --sr_workdir (repeatable, in cascade order) each stage's grid and a side-by-side one are written too. The
 --sr_* flags take one value per SR stage (comma-separated) or one for all; unset = each stage's config.
-Mistakes end with one `error:` line (exit 1; 2 for the command line itself); --verbose shows the traceback.
+On many hosts (--distributed) every process runs the same command; the batch is split over all devices
+and process 0 writes the files. Mistakes end with one `error:` line (exit 1; 2 for the command line
+itself); --verbose shows the traceback.
 """
 
 import logging
@@ -41,6 +43,7 @@ flags.DEFINE_list("sr_threshold", [], f"Thresholding per SR stage ({', '.join(TH
 flags.DEFINE_list("sr_aug_level", [], "Noise-augmentation level in [0, 1] of each SR stage's input.")
 flags.DEFINE_bool("share_text", True, "Encode the prompts once for all stages (they must share the encoder).")
 flags.DEFINE_string("out", "grid.png", "Output PNG path.")
+_DISTRIBUTED = cli.define_distributed_flags()
 _VERBOSE = flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["workdir"])
 
@@ -73,6 +76,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    _DISTRIBUTED.join()
     png, txt = sample_to_grid(
         FLAGS.workdir,
         prompts=FLAGS.prompt,

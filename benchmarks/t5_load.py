@@ -97,7 +97,7 @@ def measure(folder: pathlib.Path, dtype: str, batch: int, length: int, iters: in
     mesh = rules = None
     if fsdp:  # every parameter's EMBED dimension split over all devices
         mesh = mesh_lib.make_mesh([("data", -1)])
-        rules = [(n, "data" if n == axes.EMBED else t) for n, t in mesh_lib.DEFAULT_AXIS_RULES]
+        rules = mesh_lib.preset_rules("dp", [(axes.EMBED, "data")])
     params = hf_loader.load_t5_params(folder, config, encoder_lib.parse_dtype(dtype), mesh, rules)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - start

@@ -90,7 +90,7 @@ def compile_fitting_batch(
     """Compiles the step at `config.train.batch_size`; with `fit_batch`, halves the batch (on a copy of
     the config) while XLA's plan exceeds the device's memory. Returns the config, batch, program, seconds."""
     while True:
-        batch = global_batch(synthetic_batch(config, stage, text), mesh, config.axis_rules)
+        batch = global_batch(synthetic_batch(config, stage, text), mesh, config.sharding)
         try:
             compiled, seconds = compile_train_step(
                 config, stage, optimizer, shardings, state, batch, frozen, check_memory=check_memory
@@ -98,7 +98,7 @@ def compile_fitting_batch(
             return config, batch, compiled, seconds
         except memory.DeviceMemoryError as e:
             half = config.train.batch_size // 2
-            shards = mesh_lib.batch_shards(mesh, config.axis_rules)
+            shards = mesh_lib.batch_shards(mesh, config.sharding)
             if not fit_batch or half < shards or half % shards:
                 raise
             print(f"{e}\n--fit_batch: compiling again at batch {half}.", flush=True)
@@ -119,8 +119,8 @@ def benchmark(
     (nothing allocated: sizes batches and models too large for this host) and reports XLA's plan without
     refusing it; `fit_batch` halves a batch whose plan does not fit the device."""
     validate_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch_divisible(config.train.batch_size, mesh, config.axis_rules)
+    mesh = mesh_lib.make_mesh(config.mesh, dcn=config.mesh_dcn)
+    mesh_lib.check_batch_divisible(config.train.batch_size, mesh, config.sharding)
     stage = stage_lib.build_stage(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.num_steps)
     # Progress lines, so a run stopped at a time limit still says how far it got.

@@ -20,23 +20,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    # Devices: one mesh axis over all devices; logical axis -> mesh axis rules (None = replicated).
-    # Tuples, not lists: ml_collections overrides only tuples from the command line, e.g.
-    # --config.mesh="(('data', -1),)" (README, Configs).
-    c.mesh = (("data", -1),)
-    c.axis_rules = (
-        ("batch", "data"),
-        ("length", None),
-        ("embed", None),
-        ("mlp", None),
-        ("heads", None),
-        ("kv", None),
-        ("vocab", None),
-        ("conv_in", None),
-        ("conv_out", None),
-        ("norm", None),
-        ("relpos_buckets", None),
-        ("layers", None),
+    # Devices (imagen_jax/parallel/mesh.py): sizes of the mesh axes data, fsdp and tensor (-1 = the
+    # remaining devices), the rule preset that places parameters and state on them (dp: replicated; fsdp;
+    # fsdp_tp) and single-rule overrides, e.g. --config.sharding.rules="(('mlp', None),)". Tuples, not
+    # lists: ml_collections overrides only tuples from the command line, e.g.
+    # --config.mesh="(('data', 2), ('fsdp', 4), ('tensor', 1))" (README, Configs).
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    # Multi-slice TPU: the axes' sizes across slices, e.g. (("data", 2),); c.mesh then sizes one slice.
+    c.mesh_dcn = ()
+    c.sharding = ml_collections.ConfigDict(
+        dict(
+            preset="dp",
+            rules=(),
+            # Arrays smaller than this stay replicated: norm scales and biases are not worth a collective.
+            min_shard_size=2**14,
+        )
     )
 
     # XLA compiler options per backend (space-separated name=value), for the train step and the samplers.
@@ -130,6 +128,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             lowres_cond=False,  # True for a super-resolution stage (with data.lowres_resolution)
             lowres_upsample="bicubic",  # resizes the low-res input to the noisy image's size
             remat=False,  # recompute blocks in the backward pass (saves activation memory, costs FLOPs)
+            # With remat, what each block keeps for the backward pass: a jax.checkpoint_policies name
+            # (models/unet.py REMAT_POLICIES); keeping matmul outputs trades memory for fewer FLOPs.
+            remat_policy="nothing_saveable",
             # Consecutive identical blocks as one scan (same function, parameters stacked). Off here: with
             # two blocks a level few repeat, and XLA:CPU compiles the loop no faster and runs the scanned
             # train step many times slower (docs/benchmarks.md).
@@ -171,6 +172,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64
+    # Micro-batches per step: the batch runs in this many slices, one optimizer update per step, so a
+    # large batch fits the activation memory of a slice (batch_size / grad_accum_steps per step call).
+    c.train.grad_accum_steps = 1
+    # Multi-host runs: every this many steps the processes agree whether any was asked to stop (SIGTERM,
+    # time budget), so all save the same step. Each agreement waits for the step before it; preemption
+    # notices leave tens of seconds.
+    c.train.stop_check_every = 5
     # On 2 CPU cores the time budget ends the run before this; num_steps sets how long the learning rate
     # takes to decay (docs/shapes_demo.md).
     c.train.num_steps = 1_800

@@ -18,6 +18,7 @@ This module never reads flag values itself: the scripts define `--verbose` and p
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -29,6 +30,7 @@ import ml_collections
 from absl import app, flags
 
 from imagen_jax.errors import UsageError, UserError
+from imagen_jax.parallel import distributed
 
 VERBOSE_ENV = "IMAGEN_JAX_VERBOSE"
 VERBOSE_HELP = f"Show the full traceback of errors (also: {VERBOSE_ENV}=1)."
@@ -73,6 +75,45 @@ def run(main: Callable[[list[str]], Any], *, verbose: flags.FlagHolder[bool]) ->
             fail(str(e) or type(e).__name__, EXIT_USAGE if usage else EXIT_ERROR)
 
     app.run(guarded, flags_parser=parse)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedFlags:
+    """The flags that join a multi-process run (`define_distributed_flags`)."""
+
+    distributed: flags.FlagHolder[bool]
+    coordinator_address: flags.FlagHolder[str | None]
+    num_processes: flags.FlagHolder[int | None]
+    process_id: flags.FlagHolder[int | None]
+
+    def join(self) -> None:
+        """Joins the multi-process run when asked to (--distributed, or any explicit value)."""
+        explicit = dict(
+            coordinator_address=self.coordinator_address.value,
+            num_processes=self.num_processes.value,
+            process_id=self.process_id.value,
+        )
+        if self.distributed.value or any(v is not None for v in explicit.values()):
+            distributed.initialize(**explicit)
+
+
+def define_distributed_flags() -> DistributedFlags:
+    """--distributed and the explicit coordinator flags, for scripts that run on many hosts."""
+    return DistributedFlags(
+        distributed=flags.DEFINE_bool(
+            "distributed",
+            False,
+            "Join a multi-process run (jax.distributed.initialize). On Cloud TPU VMs and under SLURM srun "
+            "the coordinator, process count and id come from the environment.",
+        ),
+        coordinator_address=flags.DEFINE_string(
+            "coordinator_address", None, "host:port of process 0 (other clusters; implies --distributed)."
+        ),
+        num_processes=flags.DEFINE_integer(
+            "num_processes", None, "Processes in the run (implies --distributed)."
+        ),
+        process_id=flags.DEFINE_integer("process_id", None, "This process's index (implies --distributed)."),
+    )
 
 
 def _config_flags() -> list[flags.Flag]:

@@ -65,14 +65,16 @@ def _train(tmp_path: pathlib.Path, *args: str, **kw: bool) -> subprocess.Complet
         # List overrides are applied: each error below shows the overridden value.
         (
             ["--config.mesh=(('model', -1),)"],
-            "maps 'batch' to mesh axis 'data', which config.mesh=(('model', -1),) does not have",
+            "config.mesh axis 'model' is not one of ('data', 'fsdp', 'tensor')",
             1,
         ),
         (
-            ["--config.axis_rules=(('batch', 'fsdp'), ('embed', None))"],
-            "config.axis_rules maps 'batch' to mesh axis 'fsdp'",
+            ["--config.mesh=(('data', -1),)", "--config.sharding.rules=(('embed', 'fsdp'),)"],
+            "config.sharding.rules names mesh axis 'fsdp' (for 'embed'), which config.mesh=(('data', -1),) "
+            "does not have",
             1,
         ),
+        (["--config.sharding.preset=zero3"], "config.sharding.preset='zero3' is not one of", 1),
         (
             ["--config.train.sample_every=1", "--config.train.sample_prompts=()"],
             "config.train.sample_prompts=() must be a non-empty tuple of strings",
@@ -83,11 +85,16 @@ def _train(tmp_path: pathlib.Path, *args: str, **kw: bool) -> subprocess.Complet
             "config.model.self_attention=(False, True) has 2 entries but model.channel_mults=(1, 2, 4)",
             1,
         ),
-        # The mesh override reaches the device mesh: 2 x 4 over the 8 CPU devices, batch over 'data'.
+        # The mesh override reaches the device mesh: 2 x 4 over the 8 CPU devices, batch over both.
         (
-            ["--config.mesh=(('data', 2), ('model', -1))", "--config.train.batch_size=3"],
+            ["--config.mesh=(('data', 2), ('tensor', -1))", "--config.train.batch_size=3"],
             "batch size 3 does not divide over the 2 devices of mesh axes ('data',) "
-            "(mesh {'data': 2, 'model': 4})",
+            "(mesh {'data': 2, 'tensor': 4})",
+            1,
+        ),
+        (
+            ["--config.mesh=(('data', 2), ('fsdp', -1))", "--config.train.batch_size=6"],
+            "batch size 6 does not divide over the 8 devices of mesh axes ('data', 'fsdp')",
             1,
         ),
     ],

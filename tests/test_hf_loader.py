@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,7 +26,7 @@ from imagen_jax.text.t5 import T5Encoder
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 WORDS = "a cute corgi lives in house made of sushi".split()
-FSDP_RULES = [(name, "data" if name == axes.EMBED else None) for name, _ in mesh_lib.DEFAULT_AXIS_RULES]
+FSDP_RULES = mesh_lib.preset_rules("dp", [(axes.EMBED, "data")])
 
 
 def _expected(name):
@@ -198,12 +199,17 @@ def test_mismatched_config(tmp_path, change, match):
         _encode(folder)
 
 
-def test_unshardable_rules_raise():
+def test_rules_that_do_not_divide_leave_the_dimension_replicated():
+    # 4 heads do not split over 8 devices: the relative-attention table stays whole on every device, and
+    # the q/k/v/o kernels (heads x kv = 32) split by the next rule that divides.
     mesh = mesh_lib.make_mesh([("data", -1)])
-    rules = [(name, "data" if name == axes.HEADS else None) for name, _ in mesh_lib.DEFAULT_AXIS_RULES]
+    rules = mesh_lib.preset_rules("dp", [(axes.HEADS, "data"), (axes.EMBED, "data")])
     folder = FIXTURES / "t5_tiny_sharded"
-    with pytest.raises(ValueError, match=r"relative_attention_bias/embedding of shape \(32, 4\).*by 8"):
-        hf_loader.load_t5_params(folder, hf_loader.read_t5_config(folder), mesh=mesh, rules=rules)
+    params = hf_loader.load_t5_params(folder, hf_loader.read_t5_config(folder), mesh=mesh, rules=rules)
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+    bias = next(v for k, v in flat.items() if k.endswith("relative_attention_bias/embedding"))
+    assert bias.shape == (32, 4) and bias.sharding.spec == P()
+    assert any(v.sharding.spec != P() for v in flat.values())
 
 
 def test_encode_cli(tmp_path, capsys):

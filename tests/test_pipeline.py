@@ -79,13 +79,19 @@ def test_loader_shards_by_process(builder, monkeypatch):
     monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="batch_size 3 is not divisible by process_count 2"):
         make_loader(src, batch_size=3, seed=0)
-    seen = []
+    hosts = []
     for index in (0, 1):  # each "host" gets half the global batch and half the records
         monkeypatch.setattr(pipeline.jax, "process_index", lambda index=index: index)
         batches = list(make_loader(src, batch_size=4, seed=0, num_epochs=1))
         assert all(len(b["caption"]) == 2 for b in batches)
-        seen.append([s for b in batches for s in b["scene"]])
+        hosts.append([list(b["scene"]) for b in batches])
+    seen = [[s for batch in host for s in batch] for host in hosts]
     assert len(seen[0]) == len(seen[1]) == 8 and not set(seen[0]) & set(seen[1])
+    # The hosts' slices, stacked, are exactly the one-process run's global batches, rows in order.
+    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 1)
+    monkeypatch.setattr(pipeline.jax, "process_index", lambda: 0)
+    single = [list(b["scene"]) for b in make_loader(src, batch_size=4, seed=0, num_epochs=1)]
+    assert single == [a + b for a, b in zip(*hosts, strict=True)]
 
 
 def test_single_image_key_is_renamed_and_throughput(builder):

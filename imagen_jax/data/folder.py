@@ -12,6 +12,10 @@ whose long/short side ratio exceeds `max_aspect` get `aspect_policy` ("crop", "p
 counts are in `source.report` and logged once, so training never meets an exception mid-epoch and no
 image is silently changed. There is no TFDS route: `tfds.folder_dataset` needs TensorFlow, and the grain
 source already gives shuffling, sharding and prefetch.
+
+The root may be local or a `gs://` URL: files are opened through `etils.epath` (which needs `gcsfs`, or
+TensorFlow's gfile, for `gs://`) and decoded from the open file. Building decodes every image once, so
+over GCS it reads the whole folder once per process.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import dataclasses
 import json
 import logging
 import math
-import pathlib
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from imagen_jax.data.resample import check_lowres, downsample
@@ -38,7 +43,7 @@ WHITE = (255, 255, 255)
 MAX_NAMES_LOGGED = 20  # a folder with thousands of bad files should not flood the log
 
 
-def _read_captions(path: pathlib.Path) -> list[tuple[str, str]]:
+def _read_captions(path: epath.Path) -> list[tuple[str, str]]:
     pairs = []
     # Bytes line by line: one bad line must name itself, not surface as a bare UnicodeDecodeError.
     with path.open("rb") as f:
@@ -116,7 +121,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int], composite: bool)
 
 
 def load_image(
-    path: pathlib.Path | str,
+    path: str | os.PathLike,
     resolution: int,
     *,
     background: Sequence[int] = WHITE,
@@ -130,7 +135,7 @@ def load_image(
     True/False: decided before (FolderSource does it once at build time).
     """
     bg = tuple(int(v) for v in background)
-    with Image.open(path) as img:
+    with epath.Path(path).open("rb") as f, Image.open(f) as img:
         img = _to_rgb(img, bg, _is_transparent(img) if composite is None else composite)
         w, h = img.size
         if pad:
@@ -175,7 +180,7 @@ class FolderReport:
 
 
 class _Item(NamedTuple):
-    path: pathlib.Path
+    path: epath.Path
     caption: str
     composite: bool  # decided once at build time, so __getitem__ does no extra pass
     pad: bool
@@ -191,7 +196,7 @@ class FolderSource:
 
     def __init__(
         self,
-        root: str | pathlib.Path,
+        root: str | os.PathLike,
         resolution: int,
         *,
         captions_file: str | None = None,
@@ -201,7 +206,7 @@ class FolderSource:
         lowres_resolution: int = 0,
         lowres_downsample: str = "bicubic",
     ):
-        self.root = pathlib.Path(root)
+        self.root = epath.Path(root)
         self.resolution = resolution
         self.background = check_folder_options(background, aspect_policy, max_aspect)
         check_lowres(resolution, lowres_resolution, lowres_downsample)
@@ -227,7 +232,7 @@ class FolderSource:
         for name, caption in pairs:
             path = self.root / name
             try:  # full decode: `Image.verify` misses truncated data in some formats
-                with Image.open(path) as img:
+                with path.open("rb") as f, Image.open(f) as img:
                     img.load()
                     transparent = _is_transparent(img)
                     w, h = img.size

@@ -2,8 +2,10 @@
 
 Sources are anything with len/getitem returning dicts: a TFDS ArrayRecord source
 (`builder.as_data_source(split)`, text as bytes) or `FolderSource`. Batches are per host
-(`batch_size // process_count`); the sampler shards records across JAX processes, so hosts never
-see the same example. Images become float32 in [-1, 1] once per batch (vectorised), not per record.
+(`batch_size // process_count`): every process shuffles the same global order and reads only its
+contiguous slice of each global batch (`ProcessSlice`), so the global batches, their row order and each
+record's random crop are the same on 1 or N processes. Images become float32 in [-1, 1] once per batch
+(vectorised), not per record.
 
 Super-resolution records hold "image" and "lowres" (`sources.build_source`); `crop_size` > 0 cuts a
 random aligned crop of both per record (`AlignedCrop`) before batching.
@@ -94,6 +96,25 @@ class AlignedCrop(grain.RandomMapTransform):
         return out
 
 
+class ProcessSlice:
+    """A grain sampler: this process's `per_host` consecutive records of each global batch of `sampler`
+    (the same on every process), numbered locally so the loader's saved position is this process's."""
+
+    def __init__(self, sampler: grain.IndexSampler, process: int, count: int, per_host: int):
+        self.sampler, self.process, self.count, self.per_host = sampler, process, count, per_host
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        batch, offset = divmod(index, self.per_host)
+        meta = self.sampler[(batch * self.count + self.process) * self.per_host + offset]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+    def __repr__(self) -> str:  # grain checks a restored iterator's sampler by its repr: keep it stable
+        return (
+            f"ProcessSlice({self.sampler!r}, process={self.process}, count={self.count}, "
+            f"per_host={self.per_host})"
+        )
+
+
 def make_loader(
     source: object,
     *,
@@ -127,18 +148,21 @@ def make_loader(
     if crop_size < 0:
         raise ConfigError(f"crop_size={crop_size}: expected 0 (whole images) or a positive crop side")
     per_host = batch_size // count
-    if shard_by_process:
-        shard = grain.ShardOptions(jax.process_index(), count, drop_remainder=True)
-    else:
-        shard = grain.NoSharding()
     sampler = grain.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
+        num_records=len(source),
+        shard_options=grain.NoSharding(),
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=seed,
     )
+    if count > 1:
+        sampler = ProcessSlice(sampler, jax.process_index(), count, per_host)
     collate = _CollateBatch(image_keys, tokenize_fn)
     crop = [AlignedCrop(crop_size)] if crop_size else []
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
+        shard_options=grain.NoSharding(),
         operations=[*crop, grain.Batch(per_host, drop_remainder=drop_remainder, batch_fn=collate)],
         worker_count=worker_count,
         read_options=grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch),

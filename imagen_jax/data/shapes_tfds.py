@@ -14,16 +14,24 @@ Build with `prepare_shapes(data_dir, resolutions=32, num_train=50_000, num_eval=
 idempotent). The `tfds build` command line itself imports TensorFlow (tfds 4.9.10 CLI), so it is not
 usable in this TensorFlow-free setup; with TensorFlow installed,
 `tfds build imagen_jax/data/shapes_tfds.py --config r32` builds the named configs.
+
+`data_dir` may be a `gs://` URL for reading (array_record's reader opens `gs://` itself; TFDS reaches the
+metadata through `etils.epath`, which needs `gcsfs` or TensorFlow), but generating needs a local folder:
+array_record's writer writes only local files. Generate into a local `data_dir` and copy the
+`imagen_shapes` folder to the bucket, or keep `config.data.data_dir` local.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Sequence
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from jax.experimental import multihost_utils
 
 from imagen_jax.data import shapes
 from imagen_jax.errors import ConfigError
@@ -115,7 +123,7 @@ def config_for(
 
 
 def prepare_shapes(
-    data_dir: str,
+    data_dir: str | os.PathLike,
     *,
     resolutions: int | Sequence[int] = 32,
     num_train: int = 50_000,
@@ -126,6 +134,27 @@ def prepare_shapes(
     """Builder for these settings under `data_dir`, generating the files first if they are missing."""
     cfg = config_for(resolutions, num_train=num_train, num_eval=num_eval, seed=seed, p_two=p_two)
     builder = ImagenShapes(config=cfg, data_dir=data_dir, file_format="array_record")
+    if "://" in os.fspath(data_dir) and not builder.is_prepared():
+        raise ConfigError(
+            f"the shapes dataset {cfg.name} is not in {data_dir}, and it can only be generated into a local "
+            "folder (array_record writes local files only). Set config.data.data_dir to a local folder, "
+            f"or generate it locally (prepare_shapes) and copy the imagen_shapes folder to {data_dir}."
+        )
+    if jax.process_count() == 1:
+        _generate(builder)
+        return builder
+    # Several processes: process 0 first, so on a folder they share the others find it ready instead of
+    # writing the same files at once; on per-host folders each then generates its own copy.
+    if jax.process_index() == 0:
+        _generate(builder)
+    multihost_utils.sync_global_devices(f"imagen_jax: shapes dataset {cfg.name} on process 0")
+    if jax.process_index() != 0:
+        _generate(builder)
+    return builder
+
+
+def _generate(builder: ImagenShapes) -> None:
+    cfg = builder.builder_config
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
@@ -137,4 +166,3 @@ def prepare_shapes(
             "spills a split over 1000 MiB serialized to temporary files through tf.io.gfile. Lower "
             "config.data.num_train or the resolution (or install tensorflow)."
         ) from None
-    return builder

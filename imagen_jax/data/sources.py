@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 
 import ml_collections
+from etils import epath
 
 from imagen_jax.data.folder import WHITE, FolderSource
 from imagen_jax.data.resample import check_int, check_lowres
@@ -73,7 +74,7 @@ class RenamedSource:
         return f"RenamedSource({self.source!r}, {self.names!r})"
 
 
-def build_source(data: ml_collections.ConfigDict, workdir: str, split: str = "train") -> object:
+def build_source(data: ml_collections.ConfigDict, workdir: str | os.PathLike, split: str = "train") -> object:
     """The `split` of the dataset named by `data.name` (shapes are generated offline on first use).
 
     Base stages yield records with one image key; SR stages (data.lowres_resolution > 0) yield "image"
@@ -87,7 +88,7 @@ def build_source(data: ml_collections.ConfigDict, workdir: str, split: str = "tr
         # One TFDS config per resolution set (its name encodes them), so a base 32 set and an SR (32, 128)
         # set share a data_dir without colliding.
         builder = prepare_shapes(
-            data.data_dir or os.path.join(workdir, "data"),
+            data.data_dir or epath.Path(workdir) / "data",
             resolutions=(lowres, data.resolution) if lowres else data.resolution,
             num_train=data.num_train,
             num_eval=data.num_eval,

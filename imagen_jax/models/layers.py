@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.parallel import axes
+from imagen_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
 
@@ -291,4 +292,6 @@ class Upsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        # Without this the SPMD partitioner may gather the whole batch here and split channels instead.
+        x = mesh_lib.constrain_batch(x)
         return conv(self.channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)

@@ -14,6 +14,7 @@ LayerNorm-ed and projected, then read by cross-attention at the levels that ask 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,7 @@ import ml_collections
 from imagen_jax.errors import ConfigError
 from imagen_jax.models import layers
 from imagen_jax.parallel import axes
+from imagen_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
 
@@ -44,11 +46,26 @@ def _per_level(value: Any, num_levels: int, name: str) -> tuple:
 
 
 _PLAIN_BLOCKS = (layers.ResBlock, layers.SelfAttention, layers.CrossAttention)
-_REMAT_BLOCKS = (
-    nn.remat(layers.ResBlock, static_argnums=(3,)),  # `train` (self is argument 0) is a Python bool
-    nn.remat(layers.SelfAttention),
-    nn.remat(layers.CrossAttention),
+# What a rematerialised block keeps from its forward pass: names of `jax.checkpoint_policies`.
+REMAT_POLICIES = (
+    "nothing_saveable",  # recompute everything: the least memory, ~1/3 more FLOPs
+    "dots_saveable",  # keep matmul outputs, recompute the cheap elementwise work (norms, activations)
+    "dots_with_no_batch_dims_saveable",  # keep only weight matmuls' outputs, not attention's score matmuls
+    "everything_saveable",  # keep all: as without remat (for comparisons)
 )
+
+
+@functools.cache
+def _remat_blocks(policy: str) -> tuple[type[nn.Module], ...]:
+    if policy not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat_policy={policy!r}: use one of {REMAT_POLICIES}.")
+    kw = dict(policy=getattr(jax.checkpoint_policies, policy))
+    return (
+        nn.remat(layers.ResBlock, static_argnums=(3,), **kw),  # `train` (self is argument 0) is a Python bool
+        nn.remat(layers.SelfAttention, **kw),
+        nn.remat(layers.CrossAttention, **kw),
+    )
+
 # The parts of one level block, in order; a block's parameters are `<block>_<part>` (plain) or
 # `<run>/<part>` with a leading axis over the run's blocks (scanned).
 BLOCK_PARTS = ("res", "attn", "xattn")
@@ -70,6 +87,7 @@ class BlockSpec:
     learned_null: bool
     skip_scale: float
     remat: bool
+    remat_policy: str
     train: bool
     dtype: Any
     param_dtype: Any
@@ -86,9 +104,11 @@ def _level_block(
 ) -> jax.Array:
     """One level block, its parts named `<prefix><part>` in the module whose method calls this."""
     kw = dict(dtype=spec.dtype, param_dtype=spec.param_dtype)
-    res_block, self_attention, cross_attention = _REMAT_BLOCKS if spec.remat else _PLAIN_BLOCKS
+    res_block, self_attention, cross_attention = (
+        _remat_blocks(spec.remat_policy) if spec.remat else _PLAIN_BLOCKS
+    )
     if skip is not None:
-        h = jnp.concatenate([h, skip * spec.skip_scale], axis=-1)
+        h = mesh_lib.constrain_batch(jnp.concatenate([h, skip * spec.skip_scale], axis=-1))
     h = res_block(spec.width, spec.norm_groups, spec.dropout, name=f"{prefix}res", **kw)(h, cond, spec.train)
     if spec.self_attn:
         h = self_attention(
@@ -98,7 +118,7 @@ def _level_block(
         h = cross_attention(spec.heads, spec.head_dim, spec.learned_null, name=f"{prefix}xattn", **kw)(
             h, tokens, text_mask
         )
-    return h
+    return mesh_lib.constrain_batch(h)
 
 
 class _ScannedBlock(nn.Module):
@@ -174,6 +194,7 @@ class UNet(nn.Module):
     # Recompute each residual and attention block in the backward pass instead of keeping its activations
     # (paper-size U-Nets on one accelerator); the base U-Net's step then executes ~18% more FLOPs.
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # with remat: what each block keeps (REMAT_POLICIES)
     # Run each level's consecutive identical blocks as one `nn.scan`, so the compiled program holds each
     # distinct block once (a smaller program, the same function). A scanned run's parameters are stacked
     # along a leading axis; `convert_layout` converts between the two layouts. Off by default: XLA:CPU
@@ -372,6 +393,7 @@ class UNet(nn.Module):
                 learned_null=self._learned_null(),
                 skip_scale=self.skip_scale,
                 remat=self.remat,
+                remat_policy=self.remat_policy,
                 train=train,
                 **kw,
             )

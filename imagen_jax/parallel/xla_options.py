@@ -98,16 +98,18 @@ def check_model_dtype(
         )
 
 
-def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> str | None:
     """Points JAX's persistent compilation cache at `config.compilation_cache_dir` (a relative path is
     under `workdir`), so a resumed or restarted run, and sampling from its workdir, load the compiled train
     step and samplers instead of compiling them again (on GPU that is a minute for a small U-Net, README).
     Returns the cache path; `""` sets nothing (JAX's own setting, e.g. $JAX_COMPILATION_CACHE_DIR, stays),
-    nor do configs saved before the key existed, and returns None.
+    nor do configs saved before the key existed, and returns None. `workdir` or the cache folder may be a
+    `gs://` URL: JAX's cache reaches non-local folders itself (through etils epath).
     """
     cache_dir = config.get("compilation_cache_dir", "")
     if not cache_dir:
         return None
+    # Plain string joins: JAX takes the folder as a string, and "gs://..." must stay a URL.
     path = cache_dir if os.path.isabs(cache_dir) or "://" in cache_dir else os.path.join(workdir, cache_dir)
     previous = jax.config.jax_compilation_cache_dir
     if previous != path:

@@ -42,6 +42,12 @@ class Stage:
         return self.params["text"] if self.config.text.train_jointly else self.text.params
 
     @property
+    def rules(self) -> mesh_lib.AxisRules:
+        """How parameters, state and batches are placed on `mesh` (`config.sharding`; checkpoints written
+        before sharding presets existed were data-parallel)."""
+        return mesh_lib.axis_rules(self.config.get("sharding"))
+
+    @property
     def resolution(self) -> int:
         """The side of the images this stage samples (training may use crops of it)."""
         return int(self.config.data.resolution)
@@ -65,7 +71,7 @@ def schedule_from_config(diffusion: ml_collections.ConfigDict) -> schedules.Sche
 
 def build_stage(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Stage:
     """Modules for `config` (no U-Net weights yet); the text encoder's frozen weights are loaded/seeded."""
-    mesh = mesh or mesh_lib.make_mesh(config.mesh)
+    mesh = mesh or mesh_lib.make_mesh(config.mesh, dcn=config.get("mesh_dcn", ()))
     lowres = int(config.data.get("lowres_resolution", 0))
     if bool(config.model.lowres_cond) != (lowres > 0):
         raise ConfigError(
@@ -74,7 +80,7 @@ def build_stage(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
             "a super-resolution stage sets both (lowres_cond=True and the input resolution), a base stage "
             "neither."
         )
-    text = build_text_encoder(config.text, mesh=mesh, rules=config.axis_rules)
+    text = build_text_encoder(config.text, mesh=mesh, rules=mesh_lib.axis_rules(config.get("sharding")))
     if config.text.train_jointly and config.text.encoder != "random":
         raise ConfigError(
             "config.text.train_jointly=True is only supported for the seeded 'random' encoder; a pretrained "
@@ -144,7 +150,7 @@ def abstract_text_params(stage: Stage) -> Any:
 def params_structs(stage: Stage) -> Any:
     """ShapeDtypeStructs with shardings of the stage's weights: the target a checkpoint restores into."""
     abstract = jax.eval_shape(params_factory(stage, jax.random.PRNGKey(0)), abstract_text_params(stage))
-    shardings = mesh_lib.tree_shardings(abstract, stage.mesh, stage.config.axis_rules)
+    shardings = mesh_lib.tree_shardings(abstract, stage.mesh, stage.rules)
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract), shardings
     )

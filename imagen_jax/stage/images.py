@@ -6,7 +6,9 @@ import math
 import os
 from collections.abc import Sequence
 
+import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -39,17 +41,36 @@ def make_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2) -
 
 
 def save_grid(
-    images: np.ndarray, prompts: Sequence[str], path: str, *, columns: int | None = None, upscale: int = 1
+    images: np.ndarray,
+    prompts: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    columns: int | None = None,
+    upscale: int = 1,
 ) -> tuple[str, str]:
-    """Writes the PNG grid and `<path minus .png>.txt` (one `index<TAB>prompt` line per image, row-major)."""
+    """Writes the PNG grid and `<path minus .png>.txt` (one `index<TAB>prompt` line per image, row-major);
+    returns both paths.
+
+    `path` may be local or a `gs://` URL (through etils epath). Call it on every process: only process 0
+    writes (the others return the same paths), so a multi-host run writes each grid once.
+    """
+    path = os.fspath(path)
+    txt = os.path.splitext(path)[0] + ".txt"  # string ops: the same for local paths and gs:// URLs
+    if jax.process_index() != 0:
+        return path, txt
+    out = epath.Path(path)
+    # The format comes from the suffix, as `Image.save(filename)` would choose it.
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"unknown image file extension {out.suffix!r} in {path}; use e.g. .png")
     grid = make_grid(images, columns=columns)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     picture = Image.fromarray(grid)
     if upscale > 1:
         picture = picture.resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
-    picture.save(path)
-    txt = os.path.splitext(path)[0] + ".txt"
-    with open(txt, "w", encoding="utf-8") as f:
+    with out.open("wb") as f:
+        picture.save(f, format=image_format)
+    with epath.Path(txt).open("w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
             f.write(f"{i}\t{prompt}\n")
     return path, txt

@@ -12,6 +12,9 @@ Two records, both cheap next to the save itself:
   them first, so a truncated, zeroed or changed file is named exactly, and retention treats a checkpoint
   with a manifest as read back and sound.
 Neither is a cryptographic guarantee against tampering; both catch storage and copy damage.
+
+Files are reached through `etils.epath`, so a checkpoint directory may be local or a `gs://` URL (epath
+then needs `gcsfs`, or TensorFlow's gfile, and the machine's credentials).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 DIGEST_VERSION = 2  # 2: digests per checkpoint item (params, ema_params, train)
 MANIFEST_PREFIX = "files.process_"
@@ -79,9 +83,16 @@ def _key_name(key: Any) -> str:
 def digest_tree(tree: Any) -> tuple[dict[str, str], list[str]]:
     """({leaf path: 16 hex digits}, [paths of float leaves holding NaN/inf]) for a tree of arrays.
 
-    One device program and one small host transfer; call it where the host waits anyway (a save).
+    One small device program per leaf and one host transfer; call it where the host waits anyway (a save).
+    The program of a sharded leaf ends in a cross-device sum, and XLA:CPU deadlocks when several such
+    programs are in flight at once, so those run one at a time (replicated leaves need no collective).
     """
-    pairs = jax.device_get([_leaf_digest(x) for x in jax.tree.leaves(tree)])
+    digests = []
+    for x in jax.tree.leaves(tree):
+        digests.append(_leaf_digest(x))
+        if not getattr(x, "is_fully_replicated", True):
+            jax.block_until_ready(digests[-1])
+    pairs = jax.device_get(digests)
     paths = _leaf_paths(tree)
     record = {p: "".join(f"{int(w):08x}" for w in d) for p, (d, _) in zip(paths, pairs, strict=True)}
     return record, [p for p, (_, ok) in zip(paths, pairs, strict=True) if not bool(ok)]
@@ -97,73 +108,76 @@ def digest_mismatches(saved: dict[str, str], restored: dict[str, str]) -> list[s
 
 def _process_of(relative: str) -> int:
     """Which process wrote a checkpoint file: OCDBT keeps each process's shards under ocdbt.process_<i>/."""
-    for part in relative.split(os.sep):
+    for part in relative.split("/"):
         if part.startswith("ocdbt.process_"):
             return int(part.removeprefix("ocdbt.process_"))
     return 0  # metadata, manifests and JSON items are written by the primary process
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: epath.Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _files(step_dir: str, process: int | None) -> list[str]:
+def _files(step_dir: epath.Path, process: int | None) -> list[str]:
+    """'/'-separated paths relative to `step_dir` of the files `process` wrote (all: None), sorted."""
     out = []
-    for root, _, names in os.walk(step_dir):
+    for root, _, names in step_dir.walk():
         for name in names:
-            rel = os.path.relpath(os.path.join(root, name), step_dir)
+            rel = (root / name).relative_to(step_dir).as_posix()
             if name.startswith(MANIFEST_PREFIX) or (process is not None and _process_of(rel) != process):
                 continue
             out.append(rel)
     return sorted(out)
 
 
-def write_file_manifest(step_dir: str, process: int = 0) -> str:
+def write_file_manifest(step_dir: str | os.PathLike, process: int = 0) -> str:
     """Records size and SHA-256 of the files `process` wrote in a finished checkpoint; returns its path.
 
-    Written to a temporary name and renamed, so a manifest is either whole or absent.
+    Written to a temporary name and renamed, so a manifest is either whole or absent (on GCS the rename is
+    a copy, but an object upload is whole or absent by itself).
     """
+    step_dir = epath.Path(step_dir)
     rels = _files(step_dir, process)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL
-        hashes = list(pool.map(lambda r: _sha256(os.path.join(step_dir, r)), rels))
-    sizes = [os.path.getsize(os.path.join(step_dir, r)) for r in rels]
+        hashes = list(pool.map(lambda r: _sha256(step_dir / r), rels))
+    sizes = [(step_dir / r).stat().length for r in rels]
     files = {r: [n, h] for r, n, h in zip(rels, sizes, hashes, strict=True)}
     record = {"version": DIGEST_VERSION, "files": files}
-    path = os.path.join(step_dir, f"{MANIFEST_PREFIX}{process}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
-    return path
+    path = step_dir / f"{MANIFEST_PREFIX}{process}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+    return str(path)
 
 
-def has_file_manifest(step_dir: str) -> bool:
-    return os.path.isfile(os.path.join(step_dir, f"{MANIFEST_PREFIX}0.json"))
+def has_file_manifest(step_dir: str | os.PathLike) -> bool:
+    return (epath.Path(step_dir) / f"{MANIFEST_PREFIX}0.json").is_file()
 
 
-def check_file_manifests(step_dir: str) -> str | None:
+def check_file_manifests(step_dir: str | os.PathLike) -> str | None:
     """The first difference between a checkpoint's files and its manifests; None if none (or no manifest)."""
-    names = os.listdir(step_dir)
+    step_dir = epath.Path(step_dir)
+    names = [p.name for p in step_dir.iterdir()]
     manifests = sorted(n for n in names if n.startswith(MANIFEST_PREFIX) and n.endswith(".json"))
     for name in manifests:
         try:
-            with open(os.path.join(step_dir, name)) as f:
-                files = json.load(f)["files"]
+            files = json.loads((step_dir / name).read_text())["files"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             return f"its file manifest {name} is unreadable ({type(err).__name__})"
         for rel, (size, _) in files.items():
-            path = os.path.join(step_dir, rel)
-            if not os.path.isfile(path):
+            path = step_dir / rel
+            if not path.is_file():
                 return f"{rel} is missing"
-            if os.path.getsize(path) != size:
-                actual = os.path.getsize(path)
+            actual = path.stat().length
+            if actual != size:
                 return f"{rel} is {actual} bytes, {size} when written (truncated or overwritten)"
         rels = list(files)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            hashes = pool.map(lambda r: _sha256(os.path.join(step_dir, r)), rels)
+            hashes = pool.map(lambda r: _sha256(step_dir / r), rels)
             for rel, digest in zip(rels, hashes, strict=True):
                 if digest != files[rel][1]:
                     return f"{rel} changed after it was written (SHA-256 differs)"

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from imagen_jax.data.pipeline import to_model_range
 from imagen_jax.diffusion import noise_aug, samplers
@@ -117,7 +118,14 @@ def encode_prompts(stage: Stage, prompts: Sequence[str]) -> tuple[jax.Array, jax
 
 
 def _on_batch_axes(stage: Stage, x: Any) -> jax.Array:
-    return jax.device_put(x, mesh_lib.batch_sharding(stage.mesh, stage.config.axis_rules, np.ndim(x)))
+    return jax.device_put(x, mesh_lib.batch_sharding(stage.mesh, stage.rules, np.ndim(x)))
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host; across hosts every process gets every shard (a collective)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _pad(x: Any, size: int) -> Any:
@@ -149,8 +157,10 @@ def generate(
     `config.sample.noise_aug_level`). The stage is convolutional, so any r works and the output is r times
     the stage's factor (a crop-trained stage given whole images samples whole images; training previews
     sample crops). `text` = (embeddings, mask) from `encode_prompts` skips encoding.
-    Prompts run in batches of `batch_size` (default: all), padded to a multiple of the data-parallel
-    devices; an empty prompt is the unconditional one.
+    Prompts run in batches of `batch_size` (default: all), padded to a multiple of the devices the
+    batch splits over; the parameters stay sharded as loaded (a model too big for one device samples on
+    its mesh). Across hosts every process calls this with the same prompts and gets all images. An empty
+    prompt is the unconditional one.
     """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("generate() needs a non-empty list of prompts (use '' for an unconditional sample).")
@@ -182,9 +192,9 @@ def generate(
     eta = s.eta if eta is None else eta
     if opts["sampler"] not in samplers.SAMPLERS:
         raise ConfigError(f"sampler {opts['sampler']!r}: use one of {samplers.SAMPLERS}.")
-    devices = stage.mesh.devices.size
+    shards = mesh_lib.batch_shards(stage.mesh, stage.rules)
     batch_size = batch_size or len(prompts)
-    batch_size = -(-batch_size // devices) * devices
+    batch_size = -(-batch_size // shards) * shards
     sample_fn = sample_program(stage.config.get("xla_options"))
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -213,7 +223,7 @@ def generate(
             shape=(batch_size, res, res, 3),
             **opts,
         )
-        images = jax.device_get(images)[: len(chunk)]
+        images = _to_host(images)[: len(chunk)]
         if not np.isfinite(images).all():  # never write a grid of NaN images as if it were a sample
             raise NonFiniteError(
                 "sampling produced NaN/inf pixels: the weights are non-finite or the sampler settings "

@@ -15,6 +15,12 @@ an all-False mask, stored or not.
 Training: build the cache once for the dataset's captions (the lead's config switch selects it); in the
 input pipeline replace the tokenizer output by `lookup(batch_captions)` and feed (emb, mask) to the model
 instead of calling `encode_tokens`; check `cache.check(embed_dim=..., encoder=...)` at start-up.
+
+Storage: the folder may be local or a `gs://` URL. Small files go through `etils.epath` (which needs
+`gcsfs`, or TensorFlow's gfile, for `gs://`); the records through array_record, whose reader opens `gs://`
+itself but whose writer writes only local files, so a remote build writes the records to a local temporary
+file and copies it up. Multi-host: every process calls `build` (the encoder may be sharded across hosts),
+only process 0 writes, and all return once the folder is complete.
 """
 
 from __future__ import annotations
@@ -23,8 +29,7 @@ import hashlib
 import json
 import logging
 import os
-import pathlib
-import shutil
+import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -33,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from imagen_jax.errors import ConfigError, DataError
@@ -56,10 +63,25 @@ def _is_unconditional(caption: str) -> bool:
     return not caption.strip()
 
 
+def _is_remote(path: epath.Path) -> bool:
+    """A URL (gs://, s3://, ...) rather than a local file system path."""
+    return "://" in os.fspath(path)
+
+
+def _load_npy(path: epath.Path) -> np.ndarray:
+    with path.open("rb") as f:
+        return np.load(f)
+
+
+def _save_npy(path: epath.Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:
+        np.save(f, array)
+
+
 class EmbeddingCache:
     """A read-only cache folder; open it with `EmbeddingCache.open(path)`."""
 
-    def __init__(self, path: pathlib.Path, meta: dict[str, Any], keys: np.ndarray, lengths: np.ndarray):
+    def __init__(self, path: epath.Path, meta: dict[str, Any], keys: np.ndarray, lengths: np.ndarray):
         self.path = path
         self.meta = meta
         self.keys = keys
@@ -79,7 +101,7 @@ class EmbeddingCache:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> EmbeddingCache:
-        path = pathlib.Path(path)
+        path = epath.Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(
@@ -89,10 +111,12 @@ class EmbeddingCache:
         if meta.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{path}: cache format {meta.get('format_version')}, expected {FORMAT_VERSION}; "
                              "rebuild it.")
-        keys = np.load(path / "keys.npy")
-        lengths = np.load(path / "lengths.npy")
+        keys = _load_npy(path / "keys.npy")
+        lengths = _load_npy(path / "lengths.npy")
         if len(keys) != meta["count"] or len(lengths) != meta["count"]:
             raise DataError(f"{path}: keys/lengths disagree with meta.json count {meta['count']}; rebuild.")
+        if not (path / _RECORDS).is_file():
+            raise DataError(f"{path}: {_RECORDS} is missing (an interrupted copy?); rebuild the cache.")
         return cls(path, meta, keys, lengths)
 
     def check(self, embed_dim: int | None = None, encoder: str | None = None) -> None:
@@ -109,7 +133,7 @@ class EmbeddingCache:
         from array_record.python.array_record_module import ArrayRecordReader
 
         if self._reader is None or self._reader_pid != os.getpid():  # one reader per (forked) process
-            self._reader = ArrayRecordReader(str(self.path / _RECORDS))
+            self._reader = ArrayRecordReader(os.fspath(self.path / _RECORDS))  # opens gs:// itself
             self._reader_pid = os.getpid()
         return self._reader.read(indices)
 
@@ -173,14 +197,21 @@ class EmbeddingCache:
         The folder is written under a temporary name and renamed when complete, so an interrupted build
         never leaves a cache that opens. With a mesh, each batch is sharded over the batch mesh axis
         (`batch_size` must divide over it); the encoder params may be sharded too.
+
+        Multi-host: call it on every process with the same captions (the encoding is one computation over
+        the mesh); only process 0 writes, and every process returns after the folder is complete.
         """
         from array_record.python.array_record_module import ArrayRecordWriter
         from tqdm.auto import tqdm
 
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r}; expected one of {sorted(_DTYPES)}.")
-        out = pathlib.Path(out_path)
-        if out.exists() and not overwrite:
+        out = epath.Path(out_path)
+        primary = jax.process_index() == 0
+        exists = out.exists()
+        if jax.process_count() > 1:  # every process takes the same branch (and waits for all to arrive)
+            exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+        if exists and not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True to rebuild the cache.")
         unique: dict[bytes, str] = {}
         for i, caption in enumerate(captions):
@@ -193,15 +224,23 @@ class EmbeddingCache:
             mesh_lib.check_batch_divisible(batch_size, mesh, rules)
             sharding = mesh_lib.batch_sharding(mesh, rules, 2)
         tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         np_dtype = _DTYPES[dtype]
         lengths = np.zeros(len(keys), np.int32)
-        # One record per chunk for cheap random access; float embeddings barely compress, so no zstd.
-        writer = ArrayRecordWriter(str(tmp / _RECORDS), "group_size:1,uncompressed")
+        writer = staging = None
+        if primary:
+            if tmp.exists():
+                tmp.rmtree()
+            tmp.mkdir(parents=True)
+            # array_record writes local files only: a remote cache's records are staged locally first.
+            staging = tempfile.TemporaryDirectory(prefix="embedding_cache.") if _is_remote(tmp) else None
+            records = epath.Path(staging.name) / _RECORDS if staging else tmp / _RECORDS
+            # One record per chunk for cheap random access; float embeddings barely compress, so no zstd.
+            writer = ArrayRecordWriter(os.fspath(records), "group_size:1,uncompressed")
         n_truncated = 0
         try:
-            bar = tqdm(total=len(keys), desc="T5 embeddings", unit="caption", disable=not progress)
+            bar = tqdm(
+                total=len(keys), desc="T5 embeddings", unit="caption", disable=not (progress and primary)
+            )
             for start in range(0, len(keys), batch_size):
                 batch = [unique[k] for k in keys[start : start + batch_size]]
                 n = len(batch)
@@ -213,31 +252,45 @@ class EmbeddingCache:
                 # Padding does not change real tokens' outputs, so encode only up to the batch's longest.
                 width = min(ids.shape[1], -(-int(mask.sum(1).max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET)
                 ids, mask = ids[:, :width], mask[:, :width]
+                lens = mask[:n].sum(1).astype(np.int32)
                 if mesh is not None:
                     ids, mask = jax.device_put(ids, sharding), jax.device_put(mask, sharding)
-                emb = text_encoder.encode_ids(ids, mask)
-                emb = np.asarray(jax.device_get(emb.astype(jnp.float32)))[:n].astype(np_dtype)
-                lens = mask[:n].sum(1).astype(np.int32)
+                emb = text_encoder.encode_ids(ids, mask).astype(jnp.float32)
+                if emb.is_fully_addressable:
+                    emb = jax.device_get(emb)
+                else:  # the batch is sharded over other hosts' devices too: gather it (all processes)
+                    emb = multihost_utils.process_allgather(emb, tiled=True)
+                emb = np.asarray(emb)[:n].astype(np_dtype)
                 lengths[start : start + n] = lens
-                for row, length in zip(emb, lens, strict=True):
-                    writer.write(np.ascontiguousarray(row[:length]).tobytes())
+                if writer is not None:
+                    for row, length in zip(emb, lens, strict=True):
+                        writer.write(np.ascontiguousarray(row[:length]).tobytes())
                 bar.update(n)
             bar.close()
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
         if n_truncated:
             warnings.warn(f"{n_truncated} captions were longer than max_length={text_encoder.max_length} "
                           "tokens and were truncated.", stacklevel=2)
-        np.save(tmp / "keys.npy", np.asarray(keys, dtype="S32"))
-        np.save(tmp / "lengths.npy", lengths)
         meta = dict(
             format_version=FORMAT_VERSION, count=len(keys), length=int(lengths.max(initial=1)),
             embed_dim=int(text_encoder.embed_dim), dtype=dtype, encoder=encoder_name,
             max_length=int(text_encoder.max_length), tokenizer=repr(text_encoder.tokenizer),
         )
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        log.info("embedding cache %s: %d captions, length %d", out, len(keys), meta["length"])
+        if primary:
+            if staging is not None:
+                with staging:
+                    (epath.Path(staging.name) / _RECORDS).copy(tmp / _RECORDS)
+            _save_npy(tmp / "keys.npy", np.asarray(keys, dtype="S32"))
+            _save_npy(tmp / "lengths.npy", lengths)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            if out.exists():
+                out.rmtree()
+            # Atomic locally. On GCS a folder rename copies file by file; each file lands whole or not at
+            # all, and `open` refuses a folder missing any of them.
+            tmp.rename(out)
+            log.info("embedding cache %s: %d captions, length %d", out, len(keys), meta["length"])
+        if jax.process_count() > 1:  # the others read what process 0 wrote: wait until it is there
+            multihost_utils.sync_global_devices(f"embedding cache {out}")
         return cls.open(out)

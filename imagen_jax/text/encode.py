@@ -83,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mesh = rules = None
     if args.fsdp:
         mesh = mesh_lib.make_mesh([("data", -1)])
-        rules = [(name, "data" if name == axes.EMBED else target)
-                 for name, target in mesh_lib.DEFAULT_AXIS_RULES]
+        rules = mesh_lib.preset_rules("dp", [(axes.EMBED, "data")])
     start = time.perf_counter()
     te = load_t5_encoder(args.t5, dtype=args.dtype, mesh=mesh, rules=rules, max_length=args.max_length,
                          tokenizer=args.tokenizer)

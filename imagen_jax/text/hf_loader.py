@@ -213,17 +213,6 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     raise InputFileNotFoundError(f"no {_SINGLE} or {_INDEX} in {folder}.{hint}")
 
 
-def _check_divisible(path: str, shape: tuple[int, ...], sharding: Any, mesh: Mesh) -> None:
-    for dim, part in zip(shape, sharding.spec, strict=False):
-        names = () if part is None else (part if isinstance(part, tuple) else (part,))
-        ways = int(np.prod([mesh.shape[n] for n in names], dtype=np.int64))
-        if dim % ways:
-            raise DataError(
-                f"parameter {path} of shape {shape} cannot be sharded as {sharding.spec}: dimension {dim} "
-                f"is not divisible by {ways} devices of mesh axes {names}. Change the axis rules for it."
-            )
-
-
 def load_t5_params(
     folder: str | os.PathLike,
     config: T5Config,
@@ -266,9 +255,6 @@ def load_t5_params(
                 f"shard {file.name} listed in {folder / _INDEX} is missing. The download is incomplete: "
                 f"download {file.name} again (e.g. hf download <repo> {file.name})."
             )
-    if mesh is not None:
-        for path, sharding in shardings.items():
-            _check_divisible("/".join(path), expected[path].shape, sharding, mesh)
     params: dict[tuple[str, ...], jax.Array] = {}
     for file, paths in sorted(by_file.items()):
         log.info("reading %d encoder tensors from %s", len(paths), file)

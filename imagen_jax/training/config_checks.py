@@ -14,7 +14,8 @@ from imagen_jax.data.sources import check_stage_data
 from imagen_jax.diffusion import objectives, samplers, schedules
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.errors import ConfigError
-from imagen_jax.models.unet import COMPUTE_DTYPES, compute_dtype
+from imagen_jax.models.unet import COMPUTE_DTYPES, REMAT_POLICIES, compute_dtype
+from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
 
 
@@ -57,24 +58,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(s.time_grid, samplers.TIME_GRIDS, "sample.time_grid")
     _choice(s.threshold, THRESHOLD_KINDS, "sample.threshold")
     _positive(s.num_steps, "sample.num_steps")
-    for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every"):
         _positive(t[key], f"train.{key}")
+    _positive(t.stop_check_every, "train.stop_check_every")
+    _positive(t.keep_checkpoints, "train.keep_checkpoints")
+    if t.batch_size % t.grad_accum_steps:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} does not split into "
+            f"config.train.grad_accum_steps={t.grad_accum_steps} equal micro-batches; make it a multiple."
+        )
     _positive(t.sample_every, "train.sample_every", allow_zero=True)
     _positive(t.time_budget_minutes, "train.time_budget_minutes", allow_zero=True)
     for key, section in (("data", config.data), ("eval", config.get("eval", {}))):
         p_two = section.get("two_object_prob", 0.0)
         if not 0.0 <= p_two <= 1.0:
             raise ConfigError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
-    _check_pairs(config.mesh, "mesh", "(('data', -1),)", _is_mesh_axis)
-    _check_pairs(config.axis_rules, "axis_rules", "(('batch', 'data'), ('embed', None))", _is_rule)
-    mesh_axes = [name for name, _ in config.mesh]
-    for logical, target in config.axis_rules:
-        for name in [target] if isinstance(target, str) else target or ():
-            if name not in mesh_axes:
-                raise ConfigError(
-                    f"config.axis_rules maps {logical!r} to mesh axis {name!r}, which config.mesh="
-                    f"{tuple(map(tuple, config.mesh))!r} does not have; mesh axes: {mesh_axes}."
-                )
+    _check_mesh(config)
     if t.sample_every and not _is_tuple_of(t.sample_prompts, str, nonempty=True):
         raise ConfigError(
             f"config.train.sample_prompts={t.sample_prompts!r} must be a non-empty tuple of strings when "
@@ -87,6 +86,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
     _check_levels(config.model)
     _check_attention(config.model)
+    _choice(config.model.get("remat_policy", "nothing_saveable"), REMAT_POLICIES, "model.remat_policy")
     res, patch = config.data.resolution, config.model.patch_size
     factor = patch * 2 ** (len(config.model.channel_mults) - 1)
     if res % factor:
@@ -135,7 +135,7 @@ def _is_rule(pair: object) -> bool:
 
 
 def _check_pairs(value: object, key: str, example: str, ok: Callable[[object], bool]) -> None:
-    """`config.mesh` / `config.axis_rules` are tuples of pairs. A common command-line slip is one pair
+    """`config.mesh` / `config.sharding.rules` are tuples of pairs. A common command-line slip is one pair
     without the outer tuple (`--config.mesh="('data', 1)"`), which ml_collections accepts as a flat tuple."""
     if not _is_tuple_of(value, (tuple, list), nonempty=True) or not all(ok(p) for p in value):
         what = "(axis name, size >= 1 or -1)" if key == "mesh" else "(logical axis, mesh axis or None)"
@@ -143,6 +143,32 @@ def _check_pairs(value: object, key: str, example: str, ok: Callable[[object], b
             f"config.{key}={value!r} must be a non-empty tuple of {what} pairs, e.g. "
             f'--config.{key}="{example}" (note the trailing comma of a one-pair tuple).'
         )
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+    _check_pairs(config.mesh, "mesh", "(('data', -1), ('fsdp', 1), ('tensor', 1))", _is_mesh_axis)
+    if config.mesh_dcn:
+        _check_pairs(config.mesh_dcn, "mesh_dcn", "(('data', 2),)", _is_mesh_axis)
+    sharding = config.sharding
+    _choice(sharding.preset, tuple(mesh_lib.PRESETS), "sharding.preset")
+    if sharding.rules:
+        _check_pairs(sharding.rules, "sharding.rules", "(('mlp', 'tensor'),)", _is_rule)
+    _positive(sharding.min_shard_size, "sharding.min_shard_size", allow_zero=True)
+    mesh_axes = [name for name, _ in config.mesh]
+    for name in mesh_axes:
+        if name not in mesh_lib.MESH_AXES:
+            raise ConfigError(
+                f"config.mesh axis {name!r} is not one of {mesh_lib.MESH_AXES}: the sharding presets place "
+                "arrays on those axes."
+            )
+    for key, pairs in (("mesh_dcn", config.mesh_dcn), ("sharding.rules", sharding.rules)):
+        for logical, target in pairs or ():
+            for name in [target] if isinstance(target, str) else target or ():
+                if name not in mesh_axes:
+                    raise ConfigError(
+                        f"config.{key} names mesh axis {name!r} (for {logical!r}), which config.mesh="
+                        f"{tuple(map(tuple, config.mesh))!r} does not have; mesh axes: {mesh_axes}."
+                    )
 
 
 def _check_levels(model: ml_collections.ConfigDict) -> None:

@@ -14,15 +14,17 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax.data.pipeline import as_str, make_loader
 from imagen_jax.data.sources import build_source
 from imagen_jax.errors import CheckpointError, ConfigError, NonFiniteError
-from imagen_jax.parallel import memory, xla_options
+from imagen_jax.parallel import distributed, memory, xla_options
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import checkpoint
 from imagen_jax.stage.build import Stage, build_stage
@@ -82,7 +84,8 @@ def text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object,
             "config.text.embedding_cache needs a frozen encoder: set config.text.train_jointly=False."
         )
     path = config.text.embedding_cache_dir or os.path.join(workdir, "text_cache")
-    if not os.path.isdir(path):
+    # Process 0 decides, so that every process takes part in building it (a collective) or none does.
+    if not multihost_utils.broadcast_one_to_all(np.int32(epath.Path(path).is_dir())):
         log.info("building the T5 embedding cache for %d captions in %s", len(source), path)
         captions = (as_str(source[i]["caption"]) for i in range(len(source)))
         EmbeddingCache.build(
@@ -90,7 +93,7 @@ def text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object,
             stage.text,
             path,
             mesh=stage.mesh,
-            rules=config.axis_rules,
+            rules=stage.rules,
             batch_size=config.train.batch_size,
             dtype=config.text.embedding_cache_dtype,
             encoder_name=config.text.encoder,
@@ -136,6 +139,7 @@ def train_step_fn(config: ml_collections.ConfigDict, stage: Stage, optimizer: op
         lr_fn=state_lib.learning_rate_schedule(config.optim, config.train.num_steps),
         ema_decay_fn=lambda step: state_lib.ema_decay(config.optim, step),
         joint_text=config.text.train_jointly,
+        grad_accum_steps=config.train.grad_accum_steps,
     )
 
 
@@ -168,12 +172,13 @@ def compile_train_step(
     step_fn = jax.jit(
         train_step_fn(config, stage, optimizer),
         in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, None),
-        out_shardings=(shardings, None),
+        out_shardings=(shardings, NamedSharding(stage.mesh, PartitionSpec())),  # metrics: on every host
         donate_argnums=(0,),
         compiler_options=xla_options.compiler_options(config.get("xla_options")),
     )
     t0 = time.perf_counter()
-    lowered = step_fn.lower(state, batch, frozen)
+    with mesh_lib.activation_rules(stage.mesh, stage.rules):
+        lowered = step_fn.lower(state, batch, frozen)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     seconds = CompileSeconds(lower=t1 - t0, xla=time.perf_counter() - t1)
@@ -228,14 +233,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.StopRequest) -> TrainState:
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     cache = xla_options.use_compilation_cache(config, workdir)
     if cache:
         log.info("compilation cache: %s", cache)
     tc = config.train
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch_divisible(tc.batch_size, mesh, config.axis_rules)
-    log.info("devices: %d x %s, mesh %s", jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))
+    mesh = mesh_lib.make_mesh(config.mesh, dcn=config.mesh_dcn)
+    mesh_lib.check_batch_divisible(tc.batch_size, mesh, config.sharding)
+    if tc.grad_accum_steps > 1:
+        mesh_lib.check_batch_divisible(
+            tc.batch_size // tc.grad_accum_steps,
+            mesh,
+            config.sharding,
+            what="config.train.batch_size / config.train.grad_accum_steps (the micro-batch)",
+        )
+    log.info(
+        "devices: %d x %s over %d process(es), mesh %s, sharding %s",
+        jax.device_count(),
+        jax.devices()[0].platform,
+        jax.process_count(),
+        dict(mesh.shape),
+        config.sharding.preset,
+    )
 
     stage = build_stage(config, mesh)
     optimizer = make_optimizer(config.optim, tc.num_steps)
@@ -255,10 +274,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     frozen = frozen_inputs(config, stage)
     it = iter(loader)
     if data_state is not None:
-        it.set_state(data_state)
+        it.set_state(distributed.this_process_iterator_state(data_state))
     host_batch = next(it)
     preview_prompts, preview_lowres = preview_inputs(config, stage, host_batch)
-    batch = global_batch(host_batch, mesh, config.axis_rules)
+    batch = global_batch(host_batch, mesh, stage.rules)
     compiled, seconds = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
     log.info(
         "compiled the train step in %.1f s (lowering %.1f s, XLA %.1f s)",
@@ -272,11 +291,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     progress = Progress(total_steps=tc.num_steps, batch_size=tc.batch_size, first_step=start_step)
     budget = tc.time_budget_minutes * 60.0
     started = time.perf_counter()
-    nonfinite = jnp.zeros((), jnp.int32)
+    nonfinite = jax.device_put(np.int32(0), NamedSharding(mesh, PartitionSpec()))
     last_checked = start_step
     step = start_step
     stopped_by = None
     pending = []  # device metrics since the last log, fetched only at log time (no per-step host sync)
+    # Several processes stop together: a local stop request is voted on and taken by all at once.
+    vote = distributed.StopVote(mesh, tc.stop_check_every) if jax.process_count() > 1 else None
     stop.training()
 
     def check_finite(upto: int) -> None:
@@ -302,9 +323,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
             if step == start_step + 1:
                 jax.block_until_ready(state.step)
                 progress.start(step)
+            local_stop = stop.requested
             if budget > 0 and time.perf_counter() - started > budget:
-                stopped_by = f"the time budget of {tc.time_budget_minutes:g} min"
-            stopped_by = stop.requested or stopped_by
+                local_stop = local_stop or f"the time budget of {tc.time_budget_minutes:g} min"
+            if vote is None:
+                stopped_by = local_stop
+            elif vote.any_stops(step, local_stop is not None):
+                stopped_by = local_stop or "a stop request on another process"
             done = step >= tc.num_steps or stopped_by is not None
             if step % tc.log_every == 0 or done:
                 check_finite(step)
@@ -325,9 +350,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
                 with progress.paused():
                     check_finite(step)
                     # The iterator has yielded exactly `step` batches: the next one feeds step + 1.
-                    saver.save(step, state_lib.to_items(state), config, it.get_state())
-            # A stop request skips the sample grid: preemption notices leave seconds, not minutes.
-            if tc.sample_every and (step % tc.sample_every == 0 or done) and not stop.requested:
+                    data_state = distributed.encode_iterator_states(it.get_state())
+                    saver.save(step, state_lib.to_items(state), config, data_state)
+            # An early stop skips the sample grid: preemption notices leave seconds, not minutes (and every
+            # process must decide alike: sampling is collective).
+            if tc.sample_every and (step % tc.sample_every == 0 or done) and not stopped_by:
                 with progress.paused():
                     _sample_grid(
                         stage,
@@ -340,7 +367,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
             if stopped_by:
                 break
             if step < tc.num_steps:
-                batch = global_batch(next(it), mesh, config.axis_rules)
+                batch = global_batch(next(it), mesh, stage.rules)
         saver.wait()
         writer.scalars(
             step,

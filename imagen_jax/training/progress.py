@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 
@@ -80,10 +81,16 @@ class Progress:
 
 
 class MetricWriter:
-    """Scalars to TensorBoard event files (process 0 only)."""
+    """Scalars and text to TensorBoard event files; on processes other than 0 every method does nothing.
 
-    def __init__(self, logdir: str):
-        self._writer = SummaryWriter(logdir) if jax.process_index() == 0 else None
+    `logdir` may be local or a `gs://` URL: tensorboardX writes `gs://` itself (its GCSRecordWriter, which
+    needs the `google-cloud-storage` package and the machine's credentials). It keeps the whole event file
+    in memory and uploads it again at every flush (each `scalars` call), so the cost grows with the run's
+    length; `s3://` works likewise with boto3. Other schemes are not supported by tensorboardX.
+    """
+
+    def __init__(self, logdir: str | os.PathLike):
+        self._writer = SummaryWriter(os.fspath(logdir)) if jax.process_index() == 0 else None
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is None:

@@ -94,7 +94,7 @@ def _state_shardings(stage: Stage, make: Any) -> tuple[Any, Any]:
     optax keeps the logical boxes, so the optimizer moments get the same names as their parameters.
     """
     abstract = jax.eval_shape(make, abstract_text_params(stage))
-    return abstract, mesh_lib.tree_shardings(abstract, stage.mesh, stage.config.axis_rules)
+    return abstract, mesh_lib.tree_shardings(abstract, stage.mesh, stage.rules)
 
 
 def init_train_state(

@@ -43,6 +43,41 @@ def drop_captions(
     return emb * mask[..., None].astype(emb.dtype), mask
 
 
+def micro_batches(batch: Batch, count: int) -> Batch:
+    """[B, ...] -> [count, B / count, ...], micro-batch i holding examples i, i + count, ...: each device's
+    rows of a batch split over the batch mesh axes stay on that device, so no data moves."""
+
+    def split(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[Any, Any, Batch, jax.Array], jax.Array],
+    params: Any,
+    frozen: Any,
+    batch: Batch,
+    rng: jax.Array,
+    count: int,
+) -> tuple[jax.Array, Any]:
+    """(mean loss, mean gradient) over `count` equal micro-batches of `batch`, one at a time in a scan
+    (micro-batch i draws its noise from `fold_in(rng, i)`); the sums are float32."""
+
+    def body(carry: tuple[jax.Array, Any], xs: tuple[jax.Array, Batch]) -> tuple[Any, None]:
+        index, micro = xs
+        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, micro, jax.random.fold_in(rng, index))
+        total_loss, total_grads = carry
+        total_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total_grads, grads)
+        return (total_loss + loss, total_grads), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (jnp.zeros((), jnp.float32), zeros)
+    (loss, grads), _ = jax.lax.scan(body, init, (jnp.arange(count), micro_batches(batch, count)))
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+    return loss / count, grads
+
+
 def make_train_step(
     unet: UNet,
     text_module: T5Encoder,
@@ -53,10 +88,14 @@ def make_train_step(
     lr_fn: optax.Schedule,
     ema_decay_fn: Callable[[jax.Array], jax.Array],
     joint_text: bool,
+    grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """`diffusion` is `config.diffusion` (objective, loss weighting, caption dropout, noise_aug_range);
     `lr_fn` only feeds the logged learning rate; `joint_text`: the text encoder's weights are in
-    `params["text"]` and train, else they come frozen in the step's third argument."""
+    `params["text"]` and train, else they come frozen in the step's third argument.
+    `grad_accum_steps` > 1 splits the batch into that many micro-batches run one after another inside
+    the step (`accumulate_gradients`): one optimizer update for the whole batch at the activation memory
+    of one micro-batch."""
     diff = diffusion
 
     def loss_fn(params: Any, frozen: Any, batch: Batch, rng: jax.Array) -> jax.Array:
@@ -99,7 +138,10 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, rng)
+        if grad_accum_steps > 1:
+            loss, grads = accumulate_gradients(loss_fn, state.params, frozen, batch, rng, grad_accum_steps)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_fn(state.step)
