@@ -221,7 +221,7 @@ def partition_spec(
         used |= set(mesh_axes)
         if mesh_axes:
             result[pos] = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
-    return PartitionSpec(*result)
+    return PartitionSpec(*result) if any(result) else PartitionSpec()
 
 
 def logical_sharding(

@@ -13,7 +13,10 @@ written. Writing (`CheckpointWriter`):
 Reading (`restore_newest_good`) checks the manifests, loads the requested items directly with the target
 sharding (any mesh), then compares their digests before anything uses them; a damaged checkpoint is
 named with its cause in one line and the previous one is tried. A checkpoint of another architecture is
-refused with the differing config keys.
+refused with the differing config keys, and before any array is read, with the arrays whose stored shapes
+differ from those asked for (a hand-edited config, or a caller asking for another model's structures).
+The workdir may be local or a URL Orbax and `etils.epath` can reach (`gs://bucket/run`): every file
+operation here goes through `epath.Path`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +34,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from imagen_jax.errors import (
     CheckpointDamagedError,
@@ -46,6 +50,8 @@ log = logging.getLogger("imagen_jax")
 
 # Config sections that decide the shapes of the checkpointed arrays.
 ARCHITECTURE_KEYS = ("model", "text")
+# Model keys that change how the step computes, not what it stores: a run may resume with other values.
+RUNTIME_MODEL_KEYS = ("remat", "remat_policy", "attention_impl", "dtype")
 ARRAY_ITEMS = ("params", "ema_params", "train")
 ITEMS = (*ARRAY_ITEMS, "config", "data", "integrity")
 _TENSORSTORE_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
@@ -55,38 +61,46 @@ def config_to_json_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def checkpoint_dir(workdir: str) -> str:
-    # Orbax needs absolute paths; URLs (gs://...) are absolute already.
-    base = workdir if "://" in workdir else os.path.abspath(workdir)
-    return os.path.join(base, "checkpoints")
+PathLike = str | os.PathLike  # a local path, or a URL as str or `epath.Path` ('gs://bucket/run')
 
 
-def damaged_dir(workdir: str) -> str:
+def _base(workdir: PathLike) -> epath.Path:
+    # Orbax needs absolute paths; URLs (gs://...) are absolute already. Local ones are normalised as
+    # os.path.abspath does (pathlib's absolute() keeps '..').
+    workdir = os.fspath(workdir)
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
+def checkpoint_dir(workdir: PathLike) -> str:
+    return str(_base(workdir) / "checkpoints")
+
+
+def damaged_dir(workdir: PathLike) -> str:
     """Where training moves checkpoints that failed verification: kept for inspection, out of the way."""
-    return os.path.join(os.path.dirname(checkpoint_dir(workdir)), "checkpoints_damaged")
+    return str(_base(workdir) / "checkpoints_damaged")
 
 
-def make_manager(workdir: str, *, create: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: PathLike, *, create: bool = True) -> ocp.CheckpointManager:
     # No max_to_keep: `CheckpointWriter` prunes, so that retention can wait for read-back verification.
     options = ocp.CheckpointManagerOptions(create=create)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def has_checkpoints(workdir: str) -> bool:
+def has_checkpoints(workdir: PathLike) -> bool:
     """Whether `workdir` holds any finished checkpoint (good or damaged)."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not epath.Path(checkpoint_dir(workdir)).is_dir():
         return False
     return bool(make_manager(workdir, create=False).all_steps())
 
 
 def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
-    return os.path.join(str(manager.directory), str(step))
+    return str(epath.Path(manager.directory) / str(step))
 
 
 class CheckpointWriter:
     """Saves the checkpoints of one run; see the module docstring for what each save guarantees."""
 
-    def __init__(self, workdir: str, *, keep: int):
+    def __init__(self, workdir: PathLike, *, keep: int):
         self.manager = make_manager(workdir)
         self.keep = keep
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash")
@@ -243,6 +257,85 @@ def _restore_item(manager: ocp.CheckpointManager, step: int, name: str, args: An
         raise CheckpointDamagedError(path, f"{name}: {cause}") from err
 
 
+def _leaf_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    """{'opt_state/1/0/mu/unet/conv_in/kernel': leaf}: one name for a leaf whether it sits in a namedtuple
+    (an optax state asked for) or in the dict Orbax stored it as."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_leaf_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _shape_and_dtype(leaf: Any) -> str:
+    dtype = getattr(leaf, "dtype", None)
+    return f"{tuple(getattr(leaf, 'shape', ()))} {dtype}" if dtype is not None else str(tuple(leaf.shape))
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    try:
+        return np.dtype(a) == np.dtype(b)
+    except TypeError:  # extended dtypes (typed PRNG keys) have no numpy dtype
+        return str(a) == str(b)
+
+
+def _stored_metadata(path: str, name: str) -> Any:
+    """The tree of array metadata (shape, dtype; no values) Orbax stored for item `name`."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.metadata(epath.Path(path) / name)
+    except Exception as err:  # an unreadable _METADATA: the restore could not read the item either
+        raise CheckpointDamagedError(path, f"{name}: {_one_line(err)}") from err
+    finally:
+        handler.close()
+
+
+def _arrays(count: int) -> str:
+    return f"{count} array" if count == 1 else f"{count} arrays"
+
+
+def _listed(entries: list[str], shown: int = 5) -> str:
+    more = f"\n    ... and {len(entries) - shown} more" if len(entries) > shown else ""
+    return "".join(f"\n    {e}" for e in entries[:shown]) + more
+
+
+def _check_stored_structure(path: str, requested: dict[str, Any]) -> None:
+    """Refuses (CheckpointError) a checkpoint whose stored arrays are not the ones asked for: other shapes
+    or dtypes, arrays missing, arrays not asked for. Reads only metadata, before any array; the config
+    diff misses a config edited by hand or a caller whose structures come from another model."""
+    differ, missing, unexpected = [], [], []
+    for name, structs in requested.items():
+        stored = _leaves_by_path(_stored_metadata(path, name))
+        asked = _leaves_by_path(structs)
+        for key, want in asked.items():
+            have = stored.get(key)
+            if have is None:
+                missing.append(f"{name}/{key} {_shape_and_dtype(want)}")
+            elif tuple(have.shape) != tuple(want.shape) or not _same_dtype(have.dtype, want.dtype):
+                differ.append(
+                    f"{name}/{key}: checkpoint {_shape_and_dtype(have)} vs asked {_shape_and_dtype(want)}"
+                )
+        unexpected += [f"{name}/{key} {_shape_and_dtype(stored[key])}" for key in stored if key not in asked]
+    if not (differ or missing or unexpected):
+        return
+    parts = []
+    if differ:
+        parts.append(f"  {_arrays(len(differ))} with other shapes or dtypes:{_listed(differ)}")
+    if missing:
+        parts.append(f"  {_arrays(len(missing))} asked for, not in the checkpoint:{_listed(missing)}")
+    if unexpected:
+        parts.append(f"  {_arrays(len(unexpected))} in the checkpoint, not asked for:{_listed(unexpected)}")
+    raise CheckpointError(
+        f"checkpoint {path} holds a different architecture than the one asked for:\n"
+        + "\n".join(parts)
+        + "\nUse the checkpoint's config (sample.py reads it from the workdir) or a new --workdir."
+    )
+
+
 def restore_verified(
     manager: ocp.CheckpointManager,
     step: int,
@@ -253,10 +346,11 @@ def restore_verified(
     ShapeDtypeStructs with shardings}), after checking them; other items are not read.
 
     Raises CheckpointDamagedError (unreadable or changed files, digests that differ) or CheckpointError
-    (another architecture than `config`; `config=None` uses the checkpoint's own).
+    (another architecture than `config`, `config=None` using the checkpoint's own; or stored arrays whose
+    paths, shapes or dtypes differ from the requested structures).
     """
     path = _step_dir(manager, step)
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist; steps here: {manager.all_steps()}.")
     problem = integrity.check_file_manifests(path)
     if problem:
@@ -269,7 +363,12 @@ def restore_verified(
         saved_config["model"].setdefault("scan_blocks", False)
     if config is not None:
         current = config_to_json_dict(config)
-        diffs = [d for k in ARCHITECTURE_KEYS for d in _differences(saved_config.get(k), current.get(k), k)]
+        diffs = [
+            d
+            for k in ARCHITECTURE_KEYS
+            for d in _differences(saved_config.get(k), current.get(k), k)
+            if not any(d.startswith(f"model.{key}:") for key in RUNTIME_MODEL_KEYS)
+        ]
         if diffs:
             raise CheckpointError(
                 f"checkpoint {path} was trained with a different architecture:\n  "
@@ -277,7 +376,7 @@ def restore_verified(
                 + "\nUse the checkpoint's config (sample.py reads it from the workdir) or a new --workdir."
             )
     saved_config = ml_collections.ConfigDict(saved_config)
-    if not os.path.isdir(os.path.join(path, "integrity")):
+    if not (epath.Path(path) / "integrity").is_dir():
         raise CheckpointDamagedError(path, "integrity/ is missing: no content digests to verify against")
     record = _restore_item(manager, step, "integrity", ocp.args.JsonRestore())
     if not isinstance(record, dict) or not isinstance(record.get("version"), int):
@@ -287,8 +386,10 @@ def restore_verified(
             f"checkpoint {path} is in the format of an earlier imagen_jax (version {record['version']}, "
             f"this one reads {integrity.DIGEST_VERSION}): train it again with this version."
         )
+    requested = abstract_items(config or saved_config)
+    _check_stored_structure(path, requested)
     items = {}
-    for name, structs in abstract_items(config or saved_config).items():
+    for name, structs in requested.items():
         tree = _restore_item(manager, step, name, ocp.args.StandardRestore(structs))
         mismatches = integrity.digest_mismatches(
             record["digests"].get(name, {}), integrity.digest_tree(tree)[0]
@@ -298,7 +399,7 @@ def restore_verified(
             raise CheckpointDamagedError(path, f"{name}: {mismatches[0]}{more}")
         items[name] = tree
     data_state = None
-    if os.path.isdir(os.path.join(path, "data")):
+    if (epath.Path(path) / "data").is_dir():
         data = _restore_item(manager, step, "data", ocp.args.JsonRestore())
         try:
             data_state = data["iterator"].encode()
@@ -308,7 +409,7 @@ def restore_verified(
 
 
 def restore_newest_good(
-    workdir: str,
+    workdir: PathLike,
     abstract_items: Callable[[ml_collections.ConfigDict], dict[str, Any]],
     config: ml_collections.ConfigDict | None = None,
     step: int | None = None,
@@ -319,7 +420,7 @@ def restore_newest_good(
     damage is an error. Raises CheckpointNotFoundError when there is none, CheckpointError when none is good.
     """
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise CheckpointNotFoundError(
             f"no checkpoints in {directory!r}: train first "
             f"(python train.py --config ... --workdir {workdir})."
@@ -341,18 +442,19 @@ def restore_newest_good(
             damaged.append(err)
     raise CheckpointError(
         f"no usable checkpoint in {directory}: "
-        + "; ".join(f"{os.path.basename(e.path)}: {e.cause}" for e in damaged)
+        + "; ".join(f"{epath.Path(e.path).name}: {e.cause}" for e in damaged)
         + ". Restore the files from a copy, or start a new --workdir."
     )
 
 
-def set_aside(workdir: str, damaged: list[CheckpointDamagedError]) -> None:
+def set_aside(workdir: PathLike, damaged: list[CheckpointDamagedError]) -> None:
     """Moves damaged checkpoints out of `checkpoints/`, so training can save those steps again."""
     if jax.process_index() != 0 or not damaged:
         return
-    target = damaged_dir(workdir)
-    os.makedirs(target, exist_ok=True)
+    target = epath.Path(damaged_dir(workdir))
+    target.mkdir(parents=True, exist_ok=True)
     for err in damaged:
-        dest = os.path.join(target, f"{os.path.basename(err.path)}-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(err.path, dest)
+        source = epath.Path(err.path)
+        dest = target / f"{source.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        source.rename(dest)
         log.warning("moved damaged checkpoint %s to %s", err.path, dest)
