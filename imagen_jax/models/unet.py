@@ -49,8 +49,8 @@ _PLAIN_BLOCKS = (layers.ResBlock, layers.SelfAttention, layers.CrossAttention)
 # What a rematerialised block keeps from its forward pass: names of `jax.checkpoint_policies`.
 REMAT_POLICIES = (
     "nothing_saveable",  # recompute everything: the least memory, ~1/3 more FLOPs
-    "dots_saveable",  # keep matmul outputs, recompute the cheap elementwise work (norms, activations)
-    "dots_with_no_batch_dims_saveable",  # keep only weight matmuls' outputs, not attention's score matmuls
+    "dots_saveable",  # keep matmul and convolution outputs, recompute the elementwise work (norms, SiLU)
+    "dots_with_no_batch_dims_saveable",  # keep dense layers' outputs only (no convolutions, attention maps)
     "everything_saveable",  # keep all: as without remat (for comparisons)
 )
 

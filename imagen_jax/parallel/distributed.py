@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +93,8 @@ def this_process_iterator_state(record: bytes) -> bytes:
 class StopVote:
     """A stop that all processes take at the same step: after the same steps each process votes (a signal,
     its own time budget) and all learn whether any voted to stop, so all stop at the same step and save
-    the same checkpoint. The vote waits for the step before it (one collective program in flight at a
-    time: XLA:CPU deadlocks on several), hence `every` steps rather than every step."""
+    the same checkpoint. The vote waits for the step before it to finish (one collective program in
+    flight at a time: XLA:CPU deadlocks on several), hence `every` steps rather than every step."""
 
     def __init__(self, mesh: Mesh, every: int):
         self.every = every
@@ -101,9 +102,11 @@ class StopVote:
         self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
         self._local = len(mesh.local_devices)
 
-    def any_stops(self, step: int, stop: bool) -> bool:
-        """Whether any process votes to stop after `step` (only on every `every`-th step; else False)."""
+    def any_stops(self, step: int, stop: bool, step_outputs: Any) -> bool:
+        """Whether any process votes to stop after `step` (only on every `every`-th step; else False);
+        `step_outputs` are that step's results, waited for first."""
         if step % self.every:
             return False
+        jax.block_until_ready(step_outputs)
         local = np.full((self._local,), int(stop), np.int32)
         return bool(self._any(jax.make_array_from_process_local_data(self._votes, local)))

@@ -328,7 +328,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
                 local_stop = local_stop or f"the time budget of {tc.time_budget_minutes:g} min"
             if vote is None:
                 stopped_by = local_stop
-            elif vote.any_stops(step, local_stop is not None):
+            elif vote.any_stops(step, local_stop is not None, (state, metrics)):
                 stopped_by = local_stop or "a stop request on another process"
             done = step >= tc.num_steps or stopped_by is not None
             if step % tc.log_every == 0 or done:
