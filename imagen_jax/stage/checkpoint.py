@@ -44,6 +44,7 @@ from imagen_jax.errors import (
     CheckpointNotFoundError,
     NonFiniteError,
 )
+from imagen_jax.parallel import distributed
 from imagen_jax.stage import integrity
 
 log = logging.getLogger("imagen_jax")
@@ -449,7 +450,7 @@ def restore_newest_good(
 
 def set_aside(workdir: PathLike, damaged: list[CheckpointDamagedError]) -> None:
     """Moves damaged checkpoints out of `checkpoints/`, so training can save those steps again."""
-    if jax.process_index() != 0 or not damaged:
+    if not distributed.is_primary() or not damaged:
         return
     target = epath.Path(damaged_dir(workdir))
     target.mkdir(parents=True, exist_ok=True)

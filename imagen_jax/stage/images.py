@@ -6,10 +6,11 @@ import math
 import os
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from etils import epath
 from PIL import Image
+
+from imagen_jax.parallel import distributed
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -56,7 +57,7 @@ def save_grid(
     """
     path = os.fspath(path)
     txt = os.path.splitext(path)[0] + ".txt"  # string ops: the same for local paths and gs:// URLs
-    if jax.process_index() != 0:
+    if not distributed.is_primary():
         return path, txt
     out = epath.Path(path)
     # The format comes from the suffix, as `Image.save(filename)` would choose it.

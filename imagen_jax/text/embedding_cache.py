@@ -43,6 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from imagen_jax.errors import ConfigError, DataError
+from imagen_jax.parallel import distributed
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text.encoder import TextEncoder
 
@@ -207,7 +208,7 @@ class EmbeddingCache:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r}; expected one of {sorted(_DTYPES)}.")
         out = epath.Path(out_path)
-        primary = jax.process_index() == 0
+        primary = distributed.is_primary()
         exists = out.exists()
         if jax.process_count() > 1:  # every process takes the same branch (and waits for all to arrive)
             exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 import jax
 from tensorboardX import SummaryWriter
 
+from imagen_jax.parallel import distributed
+
 log = logging.getLogger("imagen_jax")
 
 
@@ -90,7 +92,7 @@ class MetricWriter:
     """
 
     def __init__(self, logdir: str | os.PathLike):
-        self._writer = SummaryWriter(os.fspath(logdir)) if jax.process_index() == 0 else None
+        self._writer = SummaryWriter(os.fspath(logdir)) if distributed.is_primary() else None
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is None:
