@@ -258,18 +258,10 @@ def _restore_item(manager: ocp.CheckpointManager, step: int, name: str, args: An
         raise CheckpointDamagedError(path, f"{name}: {cause}") from err
 
 
-def _leaf_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
     """{'opt_state/1/0/mu/unet/conv_in/kernel': leaf}: one name for a leaf whether it sits in a namedtuple
-    (an optax state asked for) or in the dict Orbax stored it as."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_leaf_name(k) for k in path): leaf for path, leaf in leaves}
+    (an optax state asked for) or in the dict Orbax stored it as (the names the digests use)."""
+    return dict(zip(integrity.leaf_paths(tree), jax.tree.leaves(tree), strict=True))
 
 
 def _shape_and_dtype(leaf: Any) -> str:

@@ -67,7 +67,7 @@ def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(lanes), finite
 
 
-def _leaf_paths(tree: Any) -> list[str]:
+def leaf_paths(tree: Any) -> list[str]:
     """'params/unet/Conv_0/kernel'-style names of the leaves of `tree`, in leaf order."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
     return ["/".join(_key_name(k) for k in path) for path, _ in paths]
@@ -93,7 +93,7 @@ def digest_tree(tree: Any) -> tuple[dict[str, str], list[str]]:
         if not getattr(x, "is_fully_replicated", True):
             jax.block_until_ready(digests[-1])
     pairs = jax.device_get(digests)
-    paths = _leaf_paths(tree)
+    paths = leaf_paths(tree)
     record = {p: "".join(f"{int(w):08x}" for w in d) for p, (d, _) in zip(paths, pairs, strict=True)}
     return record, [p for p, (_, ok) in zip(paths, pairs, strict=True) if not bool(ok)]
 
