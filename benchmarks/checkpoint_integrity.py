@@ -44,7 +44,7 @@ HBM_BANDWIDTH = {
 
 def _state(config, compile_only: bool):
     mesh = mesh_lib.make_mesh(config.mesh)
-    stage = stage_lib.build_stage(config, mesh)
+    stage = stage_lib.build_stage(common.seeded_text(config), mesh)
     optimizer = make_optimizer(config.optim, config.train.num_steps)
     if compile_only:
         return state_lib.abstract_train_state(stage, optimizer)[0]

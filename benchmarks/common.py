@@ -162,6 +162,18 @@ def config_name(config_flag: Any) -> str:
     return pathlib.Path(config_flags.get_config_filename(config_flag)).stem
 
 
+def seeded_text(config: Any) -> Any:
+    """`config` with the seeded T5 where it names one pretrained in a run (`text.encoder="pretrain"`, whose
+    sizes are the same `text.t5`): benchmarks time programs, not what the weights say."""
+    from imagen_jax.text.build import PRETRAINED_IN_RUN  # imported late: ROOT joins sys.path above
+
+    if config.text.encoder != PRETRAINED_IN_RUN:
+        return config
+    config = config.copy_and_resolve_references()
+    config.text.encoder = "random"
+    return config
+
+
 def run_dtype(config: Any) -> str:
     """The U-Net's compute dtype in this process ("auto" resolved for the backend)."""
     from imagen_jax.models.unet import compute_dtype  # imported late: ROOT joins sys.path above

@@ -28,7 +28,7 @@ FLAGS = flags.FLAGS
 
 def benchmark(config, workdir: str, num_batches: int) -> dict:
     source = build_source(config.data, workdir, "train")
-    stage = stage_lib.build_stage(config)
+    stage = stage_lib.build_stage(config, workdir=workdir)  # a run's own pretrained T5 is in its workdir
     loader = make_loader(
         source,
         batch_size=config.train.batch_size,

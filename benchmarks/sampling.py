@@ -40,7 +40,7 @@ PROMPTS = ("a red circle", "a blue square", "")
 
 def benchmark(config, sampler_names, steps: int, guidance: float, batch: int, iters: int) -> list[dict]:
     validate_config(config)
-    stage = stage_lib.build_stage(config)
+    stage = stage_lib.build_stage(common.seeded_text(config))
     state, _ = state_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(config.seed))
     stage = dataclasses.replace(stage, params=state.ema_params)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
@@ -72,7 +72,7 @@ def benchmark(config, sampler_names, steps: int, guidance: float, batch: int, it
 def compile_only(config, sampler_names, steps: int, batch: int) -> list[dict]:
     """Lowers and compiles the sampling program `generate` runs, from shapes alone."""
     validate_config(config)
-    stage = stage_lib.build_stage(config)
+    stage = stage_lib.build_stage(common.seeded_text(config))
     params = stage_lib.params_structs(stage)["unet"]
     f32 = jax.ShapeDtypeStruct((), jax.numpy.float32)
     text = jax.ShapeDtypeStruct((batch, stage.text.max_length, stage.text.embed_dim), jax.numpy.float32)

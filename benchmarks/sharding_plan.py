@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import common  # noqa: F401  (puts the project root on sys.path)
+import common  # also puts the project root on sys.path
 import jax
 import ml_collections
 import numpy as np
@@ -299,7 +299,7 @@ def plan(
         f"{micro // shards} per device per micro-batch)"
     )
     t0 = time.perf_counter()
-    stage = stage_lib.build_stage(config, mesh_)
+    stage = stage_lib.build_stage(common.seeded_text(config), mesh_)
     optimizer = state_lib.make_optimizer(config.optim, tc.num_steps)
     state, shardings = state_lib.abstract_train_state(stage, optimizer)
     budget = int(device_memory_gib * GIB)

@@ -25,7 +25,7 @@ import dataclasses
 import time
 from typing import Any
 
-import common  # noqa: F401  (puts the project root on sys.path)
+import common  # also puts the project root on sys.path
 import jax
 import numpy as np
 from absl import app, flags
@@ -121,7 +121,7 @@ def benchmark(
     validate_config(config)
     mesh = mesh_lib.make_mesh(config.mesh, dcn=config.mesh_dcn)
     mesh_lib.check_batch_divisible(config.train.batch_size, mesh, config.sharding)
-    stage = stage_lib.build_stage(config, mesh)
+    stage = stage_lib.build_stage(common.seeded_text(config), mesh)
     optimizer = make_optimizer(config.optim, config.train.num_steps)
     # Progress lines, so a run stopped at a time limit still says how far it got.
     t0 = time.perf_counter()

@@ -7,7 +7,10 @@ Train (about 30 minutes on 2 CPU cores), sample and score:
       --sampler ddpm --steps 100 --out grid.png
   python -m imagen_jax.evaluation.shapes --workdir runs/shapes
 
-Variants (`--config configs/shapes.py:tiny`): `tiny` is the test-size model (seconds per step on CPU).
+Variants (`--config configs/shapes.py:<variant>`): `words` reads captions as T5's SentencePiece word
+pieces instead of bytes; it needs T5's vocabulary file (`spiece.model`, in any T5 v1.1 folder on the
+Hugging Face hub), given as `--config.text.tokenizer=/path/to/spiece.model`. `tiny` is the test-size model
+(seconds per step on CPU).
 """
 
 import ml_collections
@@ -15,8 +18,8 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "demo"
-    if variant not in ("demo", "tiny"):
-        raise ValueError(f"configs/shapes.py variant {variant!r}: use 'demo' or 'tiny'.")
+    if variant not in ("demo", "words", "tiny"):
+        raise ValueError(f"configs/shapes.py variant {variant!r}: use 'demo', 'words' or 'tiny'.")
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -82,11 +85,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.prefetch = 4  # batches buffered ahead of the training step
 
     c.text = ml_collections.ConfigDict()
-    c.text.encoder = "random"  # "random" (seeded small T5) or a Hugging Face folder / hub id
+    # "random": a seeded small T5 (sized by text.t5), no download. "pretrain": the same T5 first pretrained
+    # with span corruption on the training captions (text.pretrain), kept in <workdir>/text_encoder. Not
+    # the default here: these captions' attributes are independent of each other, so predicting dropped
+    # spans gives the encoder no reason to keep the attributes it sees (docs/shapes_demo.md, wording).
+    # Or a Hugging Face folder / hub id.
+    c.text.encoder = "random"
     c.text.tokenizer = "byte"  # "byte" (ByT5, no files), or a spiece.model path / HF folder
-    c.text.max_length = 84  # the longest shapes caption is 80 bytes (+ EOS)
-    c.text.seed = 1
+    c.text.max_length = 84  # the longest shapes caption is 81 bytes (+ EOS)
+    c.text.seed = 1  # initialises the seeded or pretrained T5 and draws the pretraining's corruptions
     c.text.dtype = "float32"
+    c.text.pretrain = ml_collections.ConfigDict(
+        dict(
+            num_steps=600,
+            batch_size=64,
+            learning_rate=2e-3,
+            # Whole words go missing (spans of ~8 bytes, a fifth of each caption), so the encoder must
+            # represent words and their roles from context, not spell them from the bytes around them.
+            noise_density=0.2,
+            mean_span_length=8.0,
+            decoder_layers=0,  # 0 = as many as the encoder; the decoder is dropped after pretraining
+            log_every=250,
+            # Pretraining stops here even before num_steps, so a demo run stays within its 30 minutes
+            # (with train.time_budget_minutes lowered by as much).
+            time_budget_minutes=3.0,
+        )
+    )
     # Frozen, as with a pretrained T5: on the demo the frozen seeded T5 beat joint training, and cached
     # embeddings make every step cheaper (docs/shapes_demo.md).
     c.text.train_jointly = False
@@ -117,8 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_heads=0,
             cond_dim=256,
             text_dim=128,
-            # The seeded 2-layer T5 encodes word order weakly; positions help bind colours to places.
-            text_positions=True,
+            # Learned absolute text positions would tie the U-Net to where words sit in the training
+            # captions; the T5's relative position bias already carries word order into its embeddings.
+            text_positions=False,
             norm_groups=16,
             dropout=0.0,
             null_text="zero",
@@ -184,7 +209,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_steps = 1_800
     # Stop (and checkpoint) after this many minutes of the loop; dataset generation, the embedding cache
     # and compilation come before it, so the command stays under 30 minutes. 0 = none.
-    c.train.time_budget_minutes = 26.5
+    c.train.time_budget_minutes = 26.0
     c.train.log_every = 50
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
@@ -220,9 +245,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.num_captions = 256
     c.eval.two_object_prob = 0.5  # the held-out test mix, fixed whatever data.two_object_prob trains on
     c.eval.guidance_weights = (1.0, 1.5)  # 1.0 = no guidance (plain conditional), 0.0 = unconditional
+    # Caption sets scored on the same scenes: the training grammar and framings training never uses
+    # (imagen_jax/data/shapes.py WORDINGS).
+    c.eval.wordings = ("standard", "heldout")
     c.eval.batch_size = 128
     c.eval.seed = 1234
 
+    if variant == "words":
+        # A colour is one token instead of a few bytes among the caption's bytes, so framing words the
+        # U-Net never saw cannot pass for attributes (docs/shapes_demo.md, wording).
+        c.text.tokenizer = "spiece.model"  # T5's vocabulary file: --config.text.tokenizer=/path/to/it
+        c.text.t5.vocab_size = 32128  # T5's embedding table (32,000 pieces + 100 sentinels, padded)
+        c.text.max_length = 32  # the longest caption is 18 pieces (+ EOS)
     if variant == "tiny":
         c.data.num_train = 64
         c.data.num_eval = 16

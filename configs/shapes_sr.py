@@ -4,8 +4,8 @@ Train the base stage (configs/shapes.py) and this stage, then sample and score t
 
   python train.py --config configs/shapes.py --workdir runs/shapes
   python train.py --config configs/shapes_sr.py --workdir runs/shapes_sr    # ~25 min on 2 CPU cores
-  python sample.py --workdir runs/shapes --sr_workdir runs/shapes_sr --prompt "a large red circle" \
-      --num 4 --out cascade.png
+  python sample.py --workdir runs/shapes --sr_workdir runs/shapes_sr --noshare_text \
+      --prompt "a large red circle" --num 4 --out cascade.png
   python -m imagen_jax.evaluation.shapes_sr --workdir runs/shapes_sr --base_workdir runs/shapes
 
 Like the paper's 256->1024 stage it trains on random aligned crops (64x64 of the 128x128 image, with the
@@ -22,10 +22,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "demo"
     if variant not in ("demo", "tiny"):
         raise ValueError(f"configs/shapes_sr.py variant {variant!r}: use 'demo' or 'tiny'.")
-    # Same text encoder, data seed and captions as the base stage of this size, so the cascade encodes
-    # each prompt once and both stages see the same scenes; the tiny variant keeps the tiny training
-    # settings (steps, batch, intervals) too.
+    # Same data seed and captions as the base stage of this size, so both stages see the same scenes; the
+    # tiny variant keeps the tiny training settings (steps, batch, intervals) too.
     c = shapes.get_config(variant)
+    # The seeded T5, not one pretrained per run: captions barely matter once the low-res image fixes the
+    # layout, and a second pretrained encoder would differ from the base stage's anyway (so the cascade
+    # encodes prompts per stage: sample.py --noshare_text).
+    c.text.encoder = "random"
     # Like the paper's last stage: crops for training, no self-attention (attention over a crop would not
     # match attention over the whole image), text cross-attention at the lowest resolution only.
     with c.model.ignore_type():  # per-level tuples where the base stage has one value

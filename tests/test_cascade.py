@@ -1,7 +1,9 @@
 """Super-resolution stages and the cascade: an SR stage trains on crops and samples whole images, the
-pipeline runs text -> base -> SR with the text encoded once, and refuses stages that do not fit."""
+pipeline runs text -> base -> SR with the text encoded once, and refuses stages that do not fit; the shapes
+evaluations of one stage (both caption sets) and of the cascade."""
 
 import ast
+import json
 import pathlib
 import subprocess
 import sys
@@ -16,6 +18,10 @@ from imagen_jax.cascade.sampling_cli import sample_to_grid
 from imagen_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import sampling
+from imagen_jax.text import pretrain
+from imagen_jax.text.build import pretrained_folder
+from imagen_jax.text.encoder import init_params, t5_config_from_dict
+from imagen_jax.text.t5 import T5Encoder
 from imagen_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -144,6 +150,20 @@ def test_the_cascade_refuses_stages_that_do_not_fit(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"another text encoder than stage 1 \(text.seed: 1 vs 7\)"):
         Cascade((base, _built(other_text)), ("base", "sr")).check()
     Cascade((base, _built(other_text)), ("base", "sr"), share_text=False).check()  # encoded per stage: fine
+
+    def pretrained_in_run(config, workdir, seed):  # as train.py leaves it, with seeded weights
+        config.text.encoder = "pretrain"
+        t5 = t5_config_from_dict(config.text.t5)
+        params = init_params(T5Encoder(t5), jax.random.PRNGKey(seed))
+        pretrain.save_encoder(pretrained_folder(workdir), t5, params)
+        return stage_lib.build_stage(config, workdir=str(workdir))
+
+    base_pt = pretrained_in_run(_base_config(data), tmp_path / "a", 0)
+    Cascade((base_pt, pretrained_in_run(_sr_config(data), tmp_path / "b", 0)), ("base", "sr")).check()
+    with pytest.raises(ConfigError, match=r"\(each stage pretrained its own T5 .* different weights\)"):
+        Cascade((base_pt, pretrained_in_run(_sr_config(data), tmp_path / "c", 1)), ("base", "sr")).check()
+    with pytest.raises(ConfigError, match=r"text_encoder holds none: train.py pretrains it"):
+        stage_lib.build_stage(base_pt.config, workdir=str(tmp_path / "d"))
     with pytest.raises(CheckpointNotFoundError, match="cascade stage 2 has no trained weights"):
         Cascade.load([str(trained / "base"), str(tmp_path / "untrained")])
 
@@ -191,3 +211,34 @@ def test_sr_evaluation_measures_psnr_colour_shift_and_cascade_scores(trained, tm
     )
     assert cascade["base"]["overall"]["count"] == cascade["cascade"]["overall"]["count"] == 8
     assert (tmp_path / "cascade.png").is_file()
+
+
+def test_shapes_evaluation_scores_the_same_scenes_in_both_caption_sets(trained, tmp_path, capsys):
+    from imagen_jax.evaluation import shapes as shapes_eval
+
+    out = tmp_path / "eval.json"
+    args = ["--workdir", str(trained / "base"), "--num", "4", "--guidance", "1", "--steps", "2"]
+    shapes_eval.main([*args, "--wordings", "standard,heldout", "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"ddpm_2_standard", "ddpm_2_heldout"}
+    for by_weight in runs.values():
+        assert by_weight["guidance_1"]["overall"]["count"] == 4
+    printed = capsys.readouterr().out
+    assert "== heldout captions, guidance 1 (4 scenes" in printed
+    assert "| ddpm_2_heldout | 1 |" in printed
+    assert (trained / "base" / "eval" / "samples_ddpm_2_heldout_guidance_1.png").is_file()
+    with pytest.raises(SystemExit):
+        shapes_eval.main([*args, "--wordings", "casual"])
+    assert "--wordings casual: unknown; use some of standard,heldout" in capsys.readouterr().err
+
+    # Rates with their binomial standard errors; the relation's is over the scenes where both were found.
+    table = {
+        "one_object": {"count": 100, "colour": 0.9, "size": 1.0, "shape": 0.5},
+        "two_objects": {"count": 50, "all_correct": 0.1, "relation": 0.5, "relation_count": 4, "found": 0.0},
+        "images_per_second": 2.0,
+    }
+    row = shapes_eval.summary_table({"run": {"guidance_1.5": table}}).splitlines()[2]
+    assert row == (
+        "| run | 1.5 | 90.0 ± 3.0% | 100.0 ± 0.0% | 50.0 ± 5.0% | 10.0 ± 4.2% | 50.0 ± 25.0% | 0.0 ± 0.0% "
+        "| 2.00 |"
+    )

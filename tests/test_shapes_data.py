@@ -1,5 +1,6 @@
 """Procedural shapes scenes: determinism, captions, geometry, rendering and low/high-res consistency."""
 
+import re
 import time
 
 import numpy as np
@@ -66,6 +67,48 @@ def test_captions_mention_every_attribute():
     assert counts[1] > 100 and counts[2] > 100
 
 
+def _template_pattern(template: str) -> re.Pattern:
+    """A regex matching exactly the captions `template` can produce."""
+    obj = "(small|large) (" + "|".join(shapes.COLOURS) + ") (" + "|".join(shapes.SHAPES) + ")"
+    rel = "(" + "|".join(p for ps in shapes.RELATION_PHRASES.values() for p in ps) + ")"
+    parts = re.split(r"(\{a\}|\{b\}|\{rel\})", template)
+    fill = {"{a}": obj, "{b}": obj, "{rel}": rel}
+    return re.compile("".join(fill.get(part, re.escape(part)) for part in parts))
+
+
+def test_heldout_wordings_never_appear_in_the_training_stream():
+    train_one, train_two = shapes.caption_templates("standard")
+    held_one, held_two = shapes.caption_templates("heldout")
+    assert not set(train_one + train_two) & set(held_one + held_two)
+    held = [_template_pattern(t) for t in held_one + held_two]
+    train = [_template_pattern(t) for t in train_one + train_two]
+    # Every training caption, as the dataset generates them, is in the training grammar and matches no
+    # held-out template (so no training caption could teach a held-out framing verbatim).
+    for i in range(3000):
+        caption = shapes.make_example(0, "train", i, 8, p_two=0.65)["caption"]
+        assert any(p.fullmatch(caption) for p in train), caption
+        assert not any(p.fullmatch(caption) for p in held), caption
+    # The held-out captions caption the very same scenes, in held-out framings only, and carry the same
+    # object and relation phrases in the same order.
+    standard = shapes.eval_set(400, seed=3, wording="standard")
+    heldout = shapes.eval_set(400, seed=3, wording="heldout")
+    used = set()
+    for (_, scene_s), (cap_h, scene_h) in zip(standard, heldout, strict=True):
+        assert scene_s == scene_h
+        assert not any(p.fullmatch(cap_h) for p in train), cap_h
+        matched = [t for t, p in zip(held_one + held_two, held, strict=True) if p.fullmatch(cap_h)]
+        assert len(matched) == 1, cap_h
+        used.add(matched[0])
+        pos = 0
+        for o in scene_h.objects:
+            pos = cap_h.index(o.describe(), pos)
+        if scene_h.relation:
+            assert any(p in cap_h for p in shapes.RELATION_PHRASES[scene_h.relation])
+    assert used == set(held_one + held_two)  # every held-out framing is exercised
+    with pytest.raises(ValueError, match="unknown caption wording 'casual'"):
+        shapes.eval_set(1, wording="casual")
+
+
 def test_render_colours_and_areas():
     obj = shapes.ShapeObject("red", "square", "large", 0.5, 0.5, 0.5)
     img = shapes.render(shapes.Scene((obj,)), 32)
@@ -98,3 +141,29 @@ def test_eval_set_matches_examples_and_is_fast_to_render():
         shapes.render(s, 32)
     # 50k renders must take well under a minute: < 1 ms each, with slack for a shared machine.
     assert (time.perf_counter() - start) / len(scenes) < 1e-3
+
+
+def test_the_words_variant_reads_every_caption_whole_as_t5_word_pieces(shared_dir):
+    from configs.shapes import get_config
+    from imagen_jax.text.tokenizers import make_tokenizer
+
+    text = get_config("words").text
+    tokenizer = make_tokenizer(str(shared_dir / "data" / "t5_spiece.model"), text.max_length)
+    captions = [caption for w in shapes.WORDINGS for caption, _ in shapes.eval_set(300, seed=4, wording=w)]
+    tokens = tokenizer(captions)
+    lengths = tokens["text_mask"].sum(axis=1)
+    assert lengths.max() < text.max_length  # nothing truncated: every caption ends with its EOS
+    assert tokens["text_ids"][np.arange(len(captions)), lengths - 1].tolist() == [1] * len(captions)
+    assert tokens["text_ids"].max() < text.t5.vocab_size
+    # An object phrase is the same pieces under every framing (bytes too, but here no piece of a framing
+    # word can be part of a colour word).
+    def pieces(text):
+        ids = tokenizer([text])["text_ids"][0]
+        return ids[ids > 1].tolist()
+
+    framings = [t for w in shapes.WORDINGS for t in shapes.caption_templates(w)[0]]
+    for colour in shapes.COLOURS:
+        phrase = pieces(f"small {colour} square")
+        for framing in framings:
+            caption = pieces(framing.format(a=f"small {colour} square"))
+            assert any(caption[i : i + len(phrase)] == phrase for i in range(len(caption))), (framing, colour)

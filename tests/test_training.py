@@ -1,6 +1,8 @@
-"""Training: mesh invariance, learning, exact kill-and-resume, non-finite stop, clear config errors."""
+"""Training: sharded state, learning, the text encoder pretrained in the run, non-finite stop, clear config
+errors (exact kill-and-resume: test_preemption.py)."""
 
-import os
+import json
+import logging
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ from imagen_jax.parallel import memory
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import checkpoint
+from imagen_jax.text import hf_loader
 from imagen_jax.training import loop
 from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
@@ -89,40 +92,6 @@ class Preempted(Exception):
     pass
 
 
-def test_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch, compilation_cache_hits):
-    config = tiny_config(num_steps=6, checkpoint_every=3)
-    config.data.data_dir = str(tmp_path / "data")
-
-    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
-
-    # Preempt right after the step-3 checkpoint is written, then restart the same command.
-    real_save = checkpoint.CheckpointWriter.save
-
-    def save_then_die(self, step, arrays, cfg, data_state=None):
-        real_save(self, step, arrays, cfg, data_state)
-        self.manager.wait_until_finished()
-        raise Preempted()
-
-    monkeypatch.setattr(checkpoint.CheckpointWriter, "save", save_then_die)
-    with pytest.raises(Preempted):
-        loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoint.CheckpointWriter, "save", real_save)
-    assert checkpoint.make_manager(str(tmp_path / "resumed")).latest_step() == 3
-    loaded = compilation_cache_hits  # the restart loads the compiled train step from the run's cache
-    loaded.clear()
-    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-    cached = os.listdir(tmp_path / "resumed" / config.compilation_cache_dir)
-    assert loaded and any(name.startswith("jit_step-") for name in cached)
-
-    assert int(resumed.step) == int(straight.step) == 6
-    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    restored = _params_of_last_checkpoint(str(tmp_path / "resumed"), config)
-    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(straight.params), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert os.listdir(tmp_path / "straight" / "tensorboard")
-
-
 def test_non_finite_loss_stops_without_writing_a_poisoned_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(num_steps=6, checkpoint_every=2, log_every=2)
     config.data.data_dir = str(tmp_path / "data")
@@ -192,6 +161,7 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         ("model.dtype", "bf16", "model.dtype='bf16' is not one of"),
         ("model.attention_impl", "flash", "model.attention_impl='flash' is not one of"),
         ("model.attention_impl", "cudnn", "attention_impl='cudnn' needs an NVIDIA GPU"),  # CPU tests
+        ("text.encoder", "pretrain", "pretrains the T5 and then freezes it: set config.text.train_jointly"),
     ],
 )
 def test_bad_config_values_are_named(key, value, message):
@@ -214,12 +184,29 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
         stage_lib.load_stage(str(tmp_path / "run"), config=other)
 
 
-def test_train_then_sample_end_to_end(tmp_path):
+def test_train_then_sample_end_to_end_with_the_text_encoder_pretrained_in_the_run(tmp_path, caplog):
     from imagen_jax.cascade.sampling_cli import sample_to_grid
 
     config = tiny_config(num_steps=2, checkpoint_every=2)
     config.data.data_dir = str(tmp_path / "data")
+    config.text.encoder = "pretrain"
+    config.text.train_jointly = False
+    config.text.pretrain.update(num_steps=6, batch_size=8, log_every=3)
     loop.train_and_evaluate(config, str(tmp_path / "run"))
+    folder = tmp_path / "run" / "text_encoder"
+    losses = json.loads((folder / "pretrain_losses.json").read_text())["loss"]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    stage = stage_lib.load_stage(str(tmp_path / "run"))
+    saved = hf_loader.load_t5_encoder(str(folder), tokenizer="byte", max_length=config.text.max_length)
+    for a, b in zip(jax.tree.leaves(stage.text.params), jax.tree.leaves(saved.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Training on from the checkpoint uses the run's encoder as it is: never pretrained twice.
+    config.train.num_steps = 3
+    with caplog.at_level(logging.INFO):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "the T5 pretrained in this run" in caplog.text
+    assert "pretraining the text encoder" not in caplog.text
+    assert json.loads((folder / "pretrain_losses.json").read_text())["loss"] == losses
     png, txt = sample_to_grid(
         str(tmp_path / "run"),
         prompts=["a red circle", ""],

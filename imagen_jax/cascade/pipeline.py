@@ -21,8 +21,10 @@ import jax
 import numpy as np
 
 from imagen_jax.errors import CheckpointNotFoundError, ConfigError
+from imagen_jax.stage import integrity
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.sampling import encode_prompts, generate
+from imagen_jax.text.build import PRETRAINED_IN_RUN
 
 # Per-stage sampling settings a caller may set; None (or absent) = that stage's config.sample value.
 STAGE_OPTIONS = (
@@ -38,11 +40,17 @@ STAGE_OPTIONS = (
 
 
 def _text_identity(stage: Stage) -> dict[str, Any]:
-    """What decides the text embeddings: the encoder's config (a jointly trained one is never shared)."""
-    return json.loads(stage.config.text.to_json_best_effort())
+    """What decides the text embeddings: the encoder's config (a jointly trained one is never shared), and
+    for a T5 pretrained in its stage's run, its weights (two runs pretrain two different encoders)."""
+    identity = json.loads(stage.config.text.to_json_best_effort())
+    if stage.config.text.encoder == PRETRAINED_IN_RUN:
+        identity["weights"] = integrity.digest_tree(stage.text.params)[0]
+    return identity
 
 
 def _text_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    if a.get("weights") != b.get("weights"):
+        return ["each stage pretrained its own T5 (text.encoder='pretrain'), with different weights"]
     keys = ("encoder", "tokenizer", "max_length", "dtype", "seed", "t5", "train_jointly")
     return [f"text.{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -114,7 +122,7 @@ class Cascade:
                     raise ConfigError(
                         f"{label} has another text encoder than stage 1 ({why}), so the prompts cannot be "
                         "encoded once for both: train the stages with the same config.text, or encode per "
-                        "stage (share_text=False, sample.py --no_share_text)."
+                        "stage (share_text=False, sample.py --noshare_text)."
                     )
 
     def sample(

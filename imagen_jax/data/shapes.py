@@ -149,21 +149,62 @@ def sample_scene(rng: np.random.Generator, *, p_two: float = 0.5) -> Scene:
     return Scene((a, b), relation)
 
 
-# Caption templates. Colour, shape and size words always appear verbatim; relation phrases vary.
-_ONE_TEMPLATES = (
+# Caption wordings. The object phrase ("small blue square") and the relation phrase always appear
+# verbatim; the framing around them varies. Training draws from many framings so that a model must find
+# the object phrases by what they say, not where they sit in the caption.
+WORDINGS: tuple[str, ...] = ("standard", "heldout")
+_TRAIN_ONE = (
     "a {a}",
     "a {a}.",
     "there is a {a}",
     "a picture of a {a}",
     "an image with a {a}",
     "one {a} on a black background",
+    "an image of a {a}",
+    "a single {a}",
+    "the {a}",
+    "a {a} on black",
+    "just a {a}",
+    "a {a} in the picture",
+    "a render of a {a}",
+    "a {a}, nothing else",
+    "a scene with one {a}",
+    "showing a {a}",
 )
-_TWO_TEMPLATES = (
+_TRAIN_TWO = (
     "a {a} {rel} a {b}",
     "there is a {a} {rel} a {b}",
     "a picture of a {a} {rel} a {b}",
     "an image where a {a} is {rel} a {b}",
+    "the {a} is {rel} the {b}",
+    "a scene with a {a} {rel} a {b}",
+    "a {a} that is {rel} a {b}",
+    "an image of a {a} {rel} a {b}",
+    "a {a} {rel} a {b} on black",
+    "a render of a {a} {rel} a {b}",
 )
+# Held out: framings no training caption uses (tests/test_shapes_data.py checks the training stream),
+# mostly of words training never shows, as a user would type them. Evaluation scores these beside the
+# standard ones (`eval_set(..., wording="heldout")`) on the very same scenes.
+_HELDOUT_ONE = (
+    "here we see a {a}",
+    "this photo shows a {a}",
+    "my drawing: a {a}",
+    "{a}",
+    "can you draw a {a}?",
+    "look, a {a} appears",
+)
+_HELDOUT_TWO = (
+    "here we see a {a} {rel} a {b}",
+    "this photo shows a {a} {rel} a {b}",
+    "can you draw a {a} {rel} a {b}?",
+    "a {a} placed {rel} a {b}",
+    "look, a {a} sits {rel} a {b}",
+)
+_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "standard": (_TRAIN_ONE, _TRAIN_TWO),
+    "heldout": (_HELDOUT_ONE, _HELDOUT_TWO),
+}
 RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("to the left of", "on the left of", "left of"),
     "right": ("to the right of", "on the right of", "right of"),
@@ -172,14 +213,22 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def caption_for(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption for `scene` drawn from a few templates; describes every object fully."""
+def caption_templates(wording: str = "standard") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(one-object, two-object) templates of a wording: "standard" (training) or "heldout"."""
+    if wording not in _TEMPLATES:
+        raise ValueError(f"unknown caption wording {wording!r}; expected one of {WORDINGS}")
+    return _TEMPLATES[wording]
+
+
+def caption_for(scene: Scene, rng: np.random.Generator, wording: str = "standard") -> str:
+    """A caption for `scene` in one of the `wording`'s templates; describes every object fully."""
+    one, two = caption_templates(wording)
     if len(scene.objects) == 1:
-        template = _ONE_TEMPLATES[int(rng.integers(len(_ONE_TEMPLATES)))]
+        template = one[int(rng.integers(len(one)))]
         return template.format(a=scene.objects[0].describe())
     if scene.relation is None:
         raise ValueError("a two-object scene needs a relation")
-    template = _TWO_TEMPLATES[int(rng.integers(len(_TWO_TEMPLATES)))]
+    template = two[int(rng.integers(len(two)))]
     phrases = RELATION_PHRASES[scene.relation]
     rel = phrases[int(rng.integers(len(phrases)))]
     return template.format(a=scene.objects[0].describe(), rel=rel, b=scene.objects[1].describe())
@@ -245,15 +294,19 @@ def make_example(
     return out
 
 
-def eval_set(num: int, *, seed: int = 0, split: str = "test", p_two: float = 0.5) -> list[tuple[str, Scene]]:
+def eval_set(
+    num: int, *, seed: int = 0, split: str = "test", p_two: float = 0.5, wording: str = "standard"
+) -> list[tuple[str, Scene]]:
     """Held-out (caption, scene) pairs: the same stream as `make_example(seed, split, i)`, no rendering.
 
     Use a split (default "test") the model never trained on; captions are new scenes, though the short
     one-object captions can repeat training captions verbatim (there are only 42 attribute combinations).
+    `wording="heldout"` captions the very same scenes with the held-out templates instead.
     """
+    caption_templates(wording)  # an unknown wording fails before any work
     pairs = []
     for i in range(num):
         rng = example_rng(seed, split, i)
         scene = sample_scene(rng, p_two=p_two)
-        pairs.append((caption_for(scene, rng), scene))
+        pairs.append((caption_for(scene, rng, wording), scene))
     return pairs

@@ -52,8 +52,12 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class ImagenShapes(tfds.core.GeneratorBasedBuilder):
     """Procedural shapes scenes with captions and the scene as JSON (for the scorer)."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First version.", "1.1.0": "Images zlib-compressed (same pixels)."}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First version.",
+        "1.1.0": "Images zlib-compressed (same pixels).",
+        "1.2.0": "Captions from 16 one-object and 10 two-object framings (was 6 and 4).",
+    }
     BUILDER_CONFIGS = [
         ShapesConfig(name="r32", description="32x32 images for the base model.", resolutions=(32,)),
         ShapesConfig(

@@ -3,15 +3,20 @@ r"""Score a shapes-trained stage: sample held-out captions, check them with the 
   python -m imagen_jax.evaluation.shapes --workdir runs/shapes [--guidance 0,3] [--num 512]
   python -m imagen_jax.evaluation.shapes --workdir runs/shapes --guidance 1.5 \
       --sampler ddpm,dpmpp2m_sde --steps 10,15,25,50,100          # sampler x steps sweep
+  python -m imagen_jax.evaluation.shapes --workdir runs/shapes --wordings heldout
 
-Prints one table per guidance weight (one-object colour/size/shape, two-object found/relation) and writes
-`<workdir>/eval/shapes_eval.json` plus a PNG grid of the first samples at each weight. With several
-samplers or step counts it scores every pair and ends with one summary row per (sampler, steps, guidance)
-with images/s, so quality and speed are read side by side.
+The same held-out scenes are captioned in each wording of `config.eval.wordings` (default: the training
+grammar, "standard", and framings training never uses, "heldout"; `imagen_jax.data.shapes`), so the two
+tables differ only in how the prompt is phrased. Prints one table per (wording, guidance weight) and
+writes `<workdir>/eval/shapes_eval.json` plus a PNG grid of the first samples of each. Ends with one
+summary row per (sampler, steps, wording, guidance): one-object colour/size/shape, then the two-object
+binding columns (every attribute of both objects right; the relation where both are found), each with
+its standard error, and images/s, so quality and speed are read side by side.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from imagen_jax.data.shapes import eval_set
+from imagen_jax.data.shapes import WORDINGS, eval_set
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import save_grid
@@ -39,13 +44,14 @@ def evaluate_shapes(
     num_steps: int | None = None,
     time_grid: str | None = None,
     threshold: str | None = None,
+    wording: str = "standard",
 ) -> dict[str, dict]:
-    """Scores `num_captions` held-out (test split) captions at each guidance weight (sampling settings
-    default to `config.sample`)."""
+    """Scores `num_captions` held-out (test split) scenes, captioned in `wording`, at each guidance weight
+    (sampling settings default to `config.sample`)."""
     # The test mix is the eval config's, not the training mix: reweighting training data must not move
     # the test set.
-    p_two = stage.config.eval.get("two_object_prob", 0.5)  # configs saved before the key: 0.5
-    pairs = eval_set(num_captions, seed=stage.config.data.seed, split="test", p_two=p_two)
+    p_two = stage.config.eval.two_object_prob
+    pairs = eval_set(num_captions, seed=stage.config.data.seed, split="test", p_two=p_two, wording=wording)
     captions = [caption for caption, _ in pairs]
     scenes = [scene for _, scene in pairs]
     results = {}
@@ -69,13 +75,13 @@ def evaluate_shapes(
             "sampling_seconds": seconds,
             "images_per_second": len(captions) / seconds,
         }
-        print(f"\n== guidance {weight:g} ({num_captions} captions, {seconds:.0f} s) ==")
+        print(f"\n== {wording} captions, guidance {weight:g} ({num_captions} scenes, {seconds:.0f} s) ==")
         print(format_table(table))
         if out_dir:
             save_grid(
                 images[:32],
                 captions[:32],
-                os.path.join(out_dir, f"samples_{sampler}_{num_steps}_guidance_{weight:g}.png"),
+                os.path.join(out_dir, f"samples_{sampler}_{num_steps}_{wording}_guidance_{weight:g}.png"),
                 columns=8,
                 upscale=2,
             )
@@ -95,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", default=None, help="comma-separated step counts (default: config.sample)")
     parser.add_argument("--time_grid", default=None, help="uniform or quadratic (default: config.sample)")
     parser.add_argument("--threshold", default=None, help="none, static or dynamic (default: config.sample)")
+    parser.add_argument(
+        "--wordings", default=None, help=f"comma-separated caption sets of {WORDINGS} (default: config.eval)"
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--out", default=None, help="JSON path (default: <workdir>/eval/shapes_eval.json)")
     args = parser.parse_args(argv)
@@ -105,23 +114,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights.append(float(stage.config.sample.guidance))
     samplers = args.sampler.split(",") if args.sampler else [stage.config.sample.sampler]
     steps = [int(n) for n in args.steps.split(",")] if args.steps else [int(stage.config.sample.num_steps)]
+    wordings = args.wordings.split(",") if args.wordings else list(ev.wordings)
+    unknown = sorted(set(wordings) - set(WORDINGS))
+    if unknown:
+        parser.error(f"--wordings {','.join(unknown)}: unknown; use some of {','.join(WORDINGS)}")
     out_dir = os.path.join(args.workdir, "eval")
     results = {}
-    for sampler in samplers:
-        for num_steps in steps:
-            print(f"\n##### {sampler}, {num_steps} steps", flush=True)
-            results[f"{sampler}_{num_steps}"] = evaluate_shapes(
-                stage,
-                guidance_weights=weights,
-                num_captions=args.num or ev.num_captions,
-                batch_size=ev.batch_size,
-                seed=ev.seed,
-                out_dir=out_dir,
-                sampler=sampler,
-                num_steps=num_steps,
-                time_grid=args.time_grid,
-                threshold=args.threshold,
-            )
+    for sampler, num_steps, wording in itertools.product(samplers, steps, wordings):
+        print(f"\n##### {sampler}, {num_steps} steps, {wording} captions", flush=True)
+        results[f"{sampler}_{num_steps}_{wording}"] = evaluate_shapes(
+            stage,
+            guidance_weights=weights,
+            num_captions=args.num or ev.num_captions,
+            batch_size=ev.batch_size,
+            seed=ev.seed,
+            out_dir=out_dir,
+            sampler=sampler,
+            num_steps=num_steps,
+            time_grid=args.time_grid,
+            threshold=args.threshold,
+            wording=wording,
+        )
     print("\n" + summary_table(results))
     out = args.out or os.path.join(out_dir, "shapes_eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -141,26 +154,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nwrote {out}")
 
 
+# (group, column, the count it is a fraction of): one-object attributes, then binding on two-object
+# scenes, the headline there (every attribute of both objects right; the relation where both are found).
 SUMMARY_COLUMNS = (
-    ("one_object", "colour"),
-    ("one_object", "size"),
-    ("one_object", "shape"),
-    ("two_objects", "found"),
-    ("two_objects", "relation"),
-    ("two_objects", "all_correct"),
+    ("one_object", "colour", "count"),
+    ("one_object", "size", "count"),
+    ("one_object", "shape", "count"),
+    ("two_objects", "all_correct", "count"),
+    ("two_objects", "relation", "relation_count"),
+    ("two_objects", "found", "count"),
 )
 
 
 def summary_table(results: dict[str, dict[str, dict]]) -> str:
-    """One Markdown row per (sampler_steps, guidance): the headline columns in percent and images/s."""
-    head = ["run", "guidance"] + [f"{g.split('_')[0]}-obj {k}" for g, k in SUMMARY_COLUMNS] + ["images/s"]
+    """One Markdown row per (run, guidance): the headline columns in percent with their binomial standard
+    errors, and images/s."""
+    head = ["run", "guidance"] + [f"{g.split('_')[0]}-obj {k}" for g, k, _ in SUMMARY_COLUMNS] + ["images/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run, by_weight in results.items():
         for weight, table in by_weight.items():
             cells = [run, weight.removeprefix("guidance_")]
-            for group, key in SUMMARY_COLUMNS:
-                value = table[group][key]
-                cells.append("-" if value is None else f"{100 * value:.1f}%")
+            for group, key, count in SUMMARY_COLUMNS:
+                value, n = table[group][key], table[group][count]
+                if value is None or not n:
+                    cells.append("-")
+                    continue
+                se = (value * (1 - value) / n) ** 0.5
+                cells.append(f"{100 * value:.1f} ± {100 * se:.1f}%")
             cells.append(f"{table['images_per_second']:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -69,8 +69,11 @@ def schedule_from_config(diffusion: ml_collections.ConfigDict) -> schedules.Sche
     )
 
 
-def build_stage(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Stage:
-    """Modules for `config` (no U-Net weights yet); the text encoder's frozen weights are loaded/seeded."""
+def build_stage(
+    config: ml_collections.ConfigDict, mesh: Mesh | None = None, workdir: str | None = None
+) -> Stage:
+    """Modules for `config` (no U-Net weights yet); the text encoder's frozen weights are loaded/seeded
+    (a T5 pretrained in the run from `workdir`)."""
     mesh = mesh or mesh_lib.make_mesh(config.mesh, dcn=config.get("mesh_dcn", ()))
     lowres = int(config.data.get("lowres_resolution", 0))
     if bool(config.model.lowres_cond) != (lowres > 0):
@@ -80,7 +83,8 @@ def build_stage(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
             "a super-resolution stage sets both (lowres_cond=True and the input resolution), a base stage "
             "neither."
         )
-    text = build_text_encoder(config.text, mesh=mesh, rules=mesh_lib.axis_rules(config.get("sharding")))
+    rules = mesh_lib.axis_rules(config.get("sharding"))
+    text = build_text_encoder(config.text, mesh=mesh, rules=rules, workdir=workdir)
     if config.text.train_jointly and config.text.encoder != "random":
         raise ConfigError(
             "config.text.train_jointly=True is only supported for the seeded 'random' encoder; a pretrained "
@@ -174,7 +178,7 @@ def load_stage(
     item = "ema_params" if use_ema else "params"
 
     def abstract_items(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-        built.append(build_stage(cfg, mesh))
+        built.append(build_stage(cfg, mesh, workdir))
         return {item: params_structs(built[-1])}
 
     restored, _ = checkpoint.restore_newest_good(workdir, abstract_items, config, step)

@@ -1,4 +1,5 @@
-"""`build_text_encoder(config.text)`: the seeded random T5 or a Hugging Face checkpoint, by name.
+"""`build_text_encoder(config.text)`: the seeded random T5, the T5 pretrained in the run, or a Hugging Face
+checkpoint, by name.
 
 Its own module so that `encoder` (the TextEncoder type) and `hf_loader` (which builds one) import
 downward only; the keys it reads are listed in `imagen_jax.text.encoder`.
@@ -10,8 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from etils import epath
 from jax.sharding import Mesh
 
+from imagen_jax.errors import ConfigError
 from imagen_jax.text.encoder import (
     TextEncoder,
     check_tokenizer_vocab,
@@ -22,12 +25,25 @@ from imagen_jax.text.encoder import (
 from imagen_jax.text.t5 import T5Encoder
 from imagen_jax.text.tokenizers import make_tokenizer
 
+# `text.encoder` value of a T5 pretrained at the start of the run (`imagen_jax.text.pretrain`) and kept,
+# as a Hugging Face folder, in the run's workdir.
+PRETRAINED_IN_RUN = "pretrain"
+
+
+def pretrained_folder(workdir: str | epath.PathLike) -> epath.Path:
+    """Where a run with `text.encoder="pretrain"` keeps its pretrained T5 (a Hugging Face folder)."""
+    return epath.Path(workdir) / "text_encoder"
+
 
 def build_text_encoder(
-    text_config: Any, mesh: Mesh | None = None, rules: Sequence[Any] | None = None
+    text_config: Any,
+    mesh: Mesh | None = None,
+    rules: Sequence[Any] | None = None,
+    workdir: str | epath.PathLike | None = None,
 ) -> TextEncoder:
     """The text encoder selected by `text_config` (see the module docstring for the keys). With a mesh,
-    parameters are created / loaded already sharded by their logical axes and `rules`."""
+    parameters are created / loaded already sharded by their logical axes and `rules`. `workdir` is the
+    run's, where `encoder="pretrain"` finds its pretrained T5."""
     dtype = parse_dtype(text_config.get("dtype", "float32"))
     max_length = int(text_config.get("max_length", 128))
     encoder = str(text_config.encoder)
@@ -39,6 +55,22 @@ def build_text_encoder(
         module = T5Encoder(cfg, dtype=dtype, param_dtype=dtype)
         params = init_params(module, jax.random.PRNGKey(int(text_config.get("seed", 0))), mesh, rules)
         return TextEncoder(module, tokenizer, params, cfg.d_model)
+    if encoder == PRETRAINED_IN_RUN:
+        what = f"config.text.encoder={PRETRAINED_IN_RUN!r} loads the T5 pretrained at the start of a run"
+        if workdir is None:
+            raise ConfigError(f"{what} from its workdir, and none was given; pass the run's workdir.")
+        folder = pretrained_folder(workdir)
+        if not (folder / "config.json").exists():
+            raise ConfigError(
+                f"{what}, and {folder} holds none: train.py pretrains it before the U-Net trains; to "
+                "sample, pass the workdir of the run that trained."
+            )
+        if "://" in str(folder):
+            raise ConfigError(
+                f"{folder}: the run's pretrained T5 is read from a local folder only; copy it to a local "
+                "folder and set config.text.encoder to that folder."
+            )
+        encoder = str(folder)
     from imagen_jax.text.hf_loader import load_t5_encoder  # imports safetensors only when needed
 
     loaded = load_t5_encoder(

@@ -1,13 +1,16 @@
 """The frozen text encoder as the rest of imagen_jax sees it: tokenizer + T5 module + params.
 
 `imagen_jax.text.build.build_text_encoder(config.text)` reads:
-  encoder     "random" (a seeded random T5 sized by `t5`, for demos/tests, no download) or a Hugging Face
-              folder / hub id in the local cache (loaded by `hf_loader.load_t5_encoder`)
+  encoder     "random" (a seeded random T5 sized by `t5`, for demos/tests, no download), "pretrain" (that
+              T5 pretrained at the start of the run on its captions, `pretrain`; read from the run's
+              workdir) or a Hugging Face folder / hub id in the local cache (`hf_loader.load_t5_encoder`)
   tokenizer   "byte", a spiece.model path or a folder; for a checkpoint, "" / None = the checkpoint's own
   max_length  tokens per prompt, EOS included
   dtype       "float32" | "bfloat16": compute dtype and dtype the parameters are stored in
-  seed, t5    (random only) PRNG seed and T5 sizes: vocab_size, d_model, d_kv, d_ff, num_heads, num_layers,
-              feed_forward
+  seed, t5    (random, pretrain) PRNG seed and T5 sizes: vocab_size, d_model, d_kv, d_ff, num_heads,
+              num_layers, feed_forward
+  pretrain    (pretrain; read by `imagen_jax.training.text_pretraining`) steps, batch, learning rate,
+              span-corruption noise density and mean span length, decoder layers, time budget
 `encode_tokens` is the pure function to call inside jitted steps; `TextEncoder.encode` is for prompts.
 """
 

@@ -19,6 +19,10 @@ Parameter tree (names chosen so the Hugging Face safetensors mapping is one tabl
   final_norm/scale                       [d_model]              (NORM,)
 Attention kernels stay 2-D (heads*d_kv fused, named HEADS) so a Hugging Face weight maps by a transpose;
 sharding that dimension over a mesh axis whose size divides num_heads splits on head boundaries.
+
+`T5Decoder` / `T5EncoderDecoder` exist only to pretrain a small encoder (`pretrain.py`): params
+{"encoder": the tree above, "decoder": blocks with attention (causal, unidirectional position bias),
+cross_attention and mlp plus their norms, "lm_head": {"kernel"}}; the decoder embeds with encoder/shared.
 """
 
 from __future__ import annotations
@@ -130,19 +134,32 @@ def _partitioned_normal(stddev: float, names: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
-def relative_position_buckets(query_len: int, key_len: int, num_buckets: int, max_distance: int) -> jax.Array:
-    """Bidirectional T5 buckets [query_len, key_len]: half the buckets per direction, exact up to
-    num_buckets/4 positions, then logarithmic up to max_distance (everything further shares the last)."""
+def relative_position_buckets(
+    query_len: int, key_len: int, num_buckets: int, max_distance: int, bidirectional: bool = True
+) -> jax.Array:
+    """T5 buckets [query_len, key_len] of key - query: exact for small distances, then logarithmic up to
+    max_distance (everything further shares the last bucket).
+
+    bidirectional (encoder): half the buckets per direction, exact up to num_buckets/4 positions.
+    unidirectional (decoder self-attention, HF `bidirectional=False`): keys after the query all share
+    bucket 0 (the causal mask hides them anyway), so every bucket goes to the past, exact up to
+    num_buckets/2 positions.
+    """
     rel = jnp.arange(key_len)[None, :] - jnp.arange(query_len)[:, None]  # key - query
-    half = num_buckets // 2
-    buckets = jnp.where(rel > 0, half, 0)
-    dist = jnp.abs(rel)
-    max_exact = half // 2
+    if bidirectional:
+        per_direction = num_buckets // 2
+        buckets = jnp.where(rel > 0, per_direction, 0)
+        dist = jnp.abs(rel)
+    else:
+        per_direction = num_buckets
+        buckets = jnp.zeros_like(rel)
+        dist = jnp.maximum(-rel, 0)
+    max_exact = per_direction // 2
     # max(dist, 1) keeps log finite for the exact (small) positions whose value `where` discards.
     ratio = jnp.maximum(dist, 1).astype(jnp.float32) / max_exact
     log_ratio = jnp.log(ratio) / math.log(max_distance / max_exact)
-    large = max_exact + (log_ratio * (half - max_exact)).astype(jnp.int32)
-    large = jnp.minimum(large, half - 1)
+    large = max_exact + (log_ratio * (per_direction - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, per_direction - 1)
     return buckets + jnp.where(dist < max_exact, dist, large)
 
 
@@ -166,10 +183,12 @@ class RMSNorm(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-    """The shared relative position bias [1, heads, L, L] (Hugging Face keeps it in layer 0's attention)."""
+    """The shared relative position bias [1, heads, L, L] (Hugging Face keeps it in layer 0's attention).
+    `bidirectional=False` is the decoder's self-attention variant (see `relative_position_buckets`)."""
 
     config: T5Config
     param_dtype: Any = jnp.float32
+    bidirectional: bool = True
 
     @nn.compact
     def __call__(self, length: int) -> jax.Array:
@@ -181,7 +200,11 @@ class RelativePositionBias(nn.Module):
             self.param_dtype,
         )
         buckets = relative_position_buckets(
-            length, length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+            length,
+            length,
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+            self.bidirectional,
         )
         bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [L, L, H]
         return jnp.transpose(bias, (2, 0, 1))[None]
@@ -202,29 +225,33 @@ def _dense(
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention without logit scaling; `bias` holds position bias + key mask."""
+    """Multi-head attention without logit scaling; `bias` holds position bias + key mask.
+
+    Self-attention by default; given `kv` [B, S, d_model] (the encoder output, in the decoder), keys and
+    values come from it instead: cross-attention with the same parameter names.
+    """
 
     config: T5Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, kv: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        batch, length, _ = x.shape
+        kv = x if kv is None else kv
 
         dense = functools.partial(_dense, dtype=self.dtype, param_dtype=self.param_dtype)
 
         in_axes, out_axes = (axes.EMBED, axes.HEADS), (axes.HEADS, axes.EMBED)
         # T5's init folds the missing 1/sqrt(d_kv) into q.
         q = dense("q", cfg.inner_dim, (cfg.d_model * cfg.d_kv) ** -0.5, in_axes)(x)
-        k = dense("k", cfg.inner_dim, cfg.d_model**-0.5, in_axes)(x)
-        v = dense("v", cfg.inner_dim, cfg.d_model**-0.5, in_axes)(x)
-        split = lambda t: t.reshape(batch, length, cfg.num_heads, cfg.d_kv)
+        k = dense("k", cfg.inner_dim, cfg.d_model**-0.5, in_axes)(kv)
+        v = dense("v", cfg.inner_dim, cfg.d_model**-0.5, in_axes)(kv)
+        split = lambda t: t.reshape(*t.shape[:2], cfg.num_heads, cfg.d_kv)
         q, k, v = split(q), split(k), split(v)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in float32, as HF
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, cfg.inner_dim)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:2], cfg.inner_dim)
         return dense("o", cfg.d_model, cfg.inner_dim**-0.5, out_axes)(out)
 
 
@@ -301,3 +328,97 @@ class T5Encoder(nn.Module):
         for i in range(cfg.num_layers):
             x = T5Block(cfg, self.dtype, self.param_dtype, name=f"block_{i}")(x, bias)
         return RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, name="final_norm")(x)
+
+
+class T5DecoderBlock(nn.Module):
+    """Pre-norm causal self-attention, cross-attention to the encoder output, and feed-forward."""
+
+    config: T5Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, self_bias: jax.Array, encoded: jax.Array, cross_bias: jax.Array
+    ) -> jax.Array:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, name=name)
+        h = norm("attention_norm")(x).astype(self.dtype)
+        x = x + SelfAttention(cfg, **kw, name="attention")(h, self_bias).astype(jnp.float32)
+        h = norm("cross_attention_norm")(x).astype(self.dtype)
+        cross = SelfAttention(cfg, **kw, name="cross_attention")(h, cross_bias, kv=encoded)
+        x = x + cross.astype(jnp.float32)
+        h = norm("mlp_norm")(x).astype(self.dtype)
+        x = x + FeedForward(cfg, **kw, name="mlp")(h).astype(jnp.float32)
+        return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, None))
+
+
+class T5Decoder(nn.Module):
+    """T5 decoder (for pretraining the encoder; Imagen never runs it): (decoder_input_ids [B, T], encoder
+    output [B, S, d_model], encoder mask [B, S], token embedding table [vocab, d_model]) -> float32 hidden
+    states [B, T, d_model] after the final norm.
+
+    The embedding table is an input because T5 ties the decoder's input embedding to the encoder's
+    `shared` table, which lives in the encoder's parameter tree. Self-attention is causal with its own
+    unidirectional relative position bias; cross-attention has no position bias (as in T5).
+    """
+
+    config: T5Config
+    num_layers: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, decoder_input_ids: jax.Array, encoded: jax.Array, encoder_mask: jax.Array, embedding: jax.Array
+    ) -> jax.Array:
+        cfg = self.config
+        length = decoder_input_ids.shape[1]
+        x = jnp.take(embedding.astype(jnp.float32), decoder_input_ids.astype(jnp.int32), axis=0)
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, None))
+        position_bias = RelativePositionBias(
+            cfg, self.param_dtype, bidirectional=False, name="relative_attention_bias"
+        )(length)
+        causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]  # [query, key]
+        self_bias = position_bias + jnp.where(causal, 0.0, _MASK_BIAS)[None, None].astype(jnp.float32)
+        cross_mask = encoder_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]: padding keys hidden
+        cross_bias = jnp.where(cross_mask, 0.0, _MASK_BIAS).astype(jnp.float32)
+        encoded = encoded.astype(self.dtype)
+        for i in range(self.num_layers):
+            x = T5DecoderBlock(cfg, self.dtype, self.param_dtype, name=f"block_{i}")(
+                x, self_bias, encoded, cross_bias
+            )
+        return RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, name="final_norm")(x)
+
+
+class T5EncoderDecoder(nn.Module):
+    """T5 v1.1 encoder-decoder for span-corruption pretraining: (input_ids [B, S], input_mask [B, S],
+    decoder_input_ids [B, T]) -> float32 logits [B, T, vocab].
+
+    Params: {"encoder": exactly `T5Encoder`'s tree (so it loads and saves as a frozen encoder),
+    "decoder": `T5Decoder`'s tree, "lm_head": {"kernel": [d_model, vocab]}}. v1.1 style: the decoder's
+    input embedding is the encoder's `shared` table; the output projection is untied and not rescaled.
+    `decoder_layers` None = the encoder's num_layers.
+    """
+
+    config: T5Config
+    decoder_layers: int | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, input_mask: jax.Array, decoder_input_ids: jax.Array
+    ) -> jax.Array:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        encoder = T5Encoder(cfg, **kw, name="encoder")
+        encoded = encoder(input_ids, input_mask)
+        # The encoder created its `shared` table above; read it from there so the decoder shares it
+        # without a second copy in the tree (unbox: during init it is still a logically named box).
+        embedding = nn.unbox(encoder.variables["params"]["shared"]["embedding"])
+        layers = cfg.num_layers if self.decoder_layers is None else self.decoder_layers
+        decoder = T5Decoder(cfg, layers, **kw, name="decoder")
+        hidden = decoder(decoder_input_ids, encoded, input_mask, embedding)
+        # std d_model**-0.5 (flaxformer's fan-in init) gives unit-scale logits at the start.
+        lm_head = _dense("lm_head", cfg.vocab_size, cfg.d_model**-0.5, (axes.EMBED, axes.VOCAB), **kw)
+        return lm_head(hidden.astype(self.dtype)).astype(jnp.float32)

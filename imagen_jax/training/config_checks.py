@@ -17,6 +17,7 @@ from imagen_jax.errors import ConfigError
 from imagen_jax.models.unet import COMPUTE_DTYPES, REMAT_POLICIES, compute_dtype
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
+from imagen_jax.text.build import PRETRAINED_IN_RUN
 
 
 def _choice(value: object, allowed: tuple, key: str) -> None:
@@ -74,6 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not 0.0 <= p_two <= 1.0:
             raise ConfigError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
     _check_mesh(config)
+    _check_text_pretraining(config.text)
     if t.sample_every and not _is_tuple_of(t.sample_prompts, str, nonempty=True):
         raise ConfigError(
             f"config.train.sample_prompts={t.sample_prompts!r} must be a non-empty tuple of strings when "
@@ -93,6 +95,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.data.resolution={res} is not divisible by model.patch_size * 2^(levels-1) = {factor}."
         )
+
+
+def _check_text_pretraining(text: ml_collections.ConfigDict) -> None:
+    if text.encoder != PRETRAINED_IN_RUN:
+        return
+    if text.train_jointly:
+        raise ConfigError(
+            f"config.text.encoder={PRETRAINED_IN_RUN!r} pretrains the T5 and then freezes it: set "
+            "config.text.train_jointly=False."
+        )
+    pt = text.pretrain
+    for key in ("num_steps", "batch_size", "log_every"):
+        _positive(pt[key], f"text.pretrain.{key}")
+    _positive(pt.learning_rate, "text.pretrain.learning_rate")
+    _positive(pt.decoder_layers, "text.pretrain.decoder_layers", allow_zero=True)
+    _positive(pt.time_budget_minutes, "text.pretrain.time_budget_minutes", allow_zero=True)
+    if not 0.0 < pt.noise_density < 1.0:
+        raise ConfigError(f"config.text.pretrain.noise_density={pt.noise_density} must be in (0, 1).")
+    if pt.mean_span_length < 1.0:
+        raise ConfigError(f"config.text.pretrain.mean_span_length={pt.mean_span_length} must be >= 1.")
 
 
 def _check_attention(model: ml_collections.ConfigDict) -> None:
