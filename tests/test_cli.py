@@ -107,7 +107,7 @@ def test_train_missing_or_broken_config_file(tmp_path):
     missing = _run("train.py", "--config", "configs/nope.py", "--workdir", str(tmp_path))
     _assert_one_line_error(missing, "--config=configs/nope.py: config file 'configs/nope.py' not found.", 2)
     variant = _run("train.py", "--config", "configs/shapes.py:huge", "--workdir", str(tmp_path))
-    _assert_one_line_error(variant, "variant 'huge': use 'demo' or 'tiny'.", 2)
+    _assert_one_line_error(variant, "variant 'huge': use 'demo', 'words' or 'tiny'.", 2)
     no_workdir = _run("train.py", "--config", TINY)
     _assert_one_line_error(no_workdir, "--workdir is required.", 2)
 

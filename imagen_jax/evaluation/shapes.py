@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights.append(float(stage.config.sample.guidance))
     samplers = args.sampler.split(",") if args.sampler else [stage.config.sample.sampler]
     steps = [int(n) for n in args.steps.split(",")] if args.steps else [int(stage.config.sample.num_steps)]
-    wordings = args.wordings.split(",") if args.wordings else list(ev.wordings)
+    wordings = args.wordings.split(",") if args.wordings else list(ev.get("wordings", WORDINGS))
     unknown = sorted(set(wordings) - set(WORDINGS))
     if unknown:
         parser.error(f"--wordings {','.join(unknown)}: unknown; use some of {','.join(WORDINGS)}")

@@ -278,11 +278,6 @@ def _epoch_batches(num_items: int, batch_size: int, rng: np.random.Generator) ->
         yield np.asarray(take)
 
 
-def _fmt_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(max(seconds, 0)), 60)
-    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
-
-
 def pretrain_t5(
     t5_config: T5Config,
     tokenizer: Tokenizer,
@@ -378,7 +373,7 @@ def pretrain_t5(
                                    "lower learning_rate.")
             now = time.perf_counter()
             rate = (step - clock_step) / max(now - clock_time, 1e-9)
-            eta = _fmt_duration((num_steps - step) / rate) if rate > 0 else "?"
+            eta = f"{(num_steps - step) / rate:.0f} s" if rate > 0 else "?"
             log.info("pretrain T5 step %d/%d [%.0f%%], loss %.4g, accuracy %.3f, %.2f steps/s, ETA %s",
                      step, num_steps, 100.0 * step / num_steps, loss, accuracy, rate, eta)
             logged_step, clock_step, clock_time = step, step, now
