@@ -53,7 +53,8 @@ _TOKENIZE_CHUNK = 4096  # captions tokenized per call: bounds the [chunk, max_le
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_noise_args(noise_density: float, mean_span_length: float) -> None:
+def check_noise_args(noise_density: float, mean_span_length: float) -> None:
+    """ConfigError unless 0 < noise_density < 1 and mean_span_length >= 1."""
     if not 0.0 < noise_density < 1.0:
         raise ConfigError(f"noise_density must be in (0, 1), got {noise_density}.")
     if mean_span_length < 1.0:
@@ -94,7 +95,7 @@ def random_spans_noise_mask(
     becomes two (one more sentinel). Short captions have one span, which without the roll always is the
     caption's last ~15%.
     """
-    _check_noise_args(noise_density, mean_span_length)
+    check_noise_args(noise_density, mean_span_length)
     mask = np.zeros(length, np.bool_)
     num_noise, num_spans = _span_counts(length, noise_density, mean_span_length)
     if num_spans == 0:
@@ -144,7 +145,7 @@ def span_corruption(
 
 def max_spans(input_length: int, noise_density: float, mean_span_length: float, random_roll: bool) -> int:
     """Most noise spans (sentinels) in a sequence whose corrupted input fits `input_length`."""
-    _check_noise_args(noise_density, mean_span_length)
+    check_noise_args(noise_density, mean_span_length)
     # Sequences that fit have at most input_length - 1 tokens (+ EOS); a rolled span may wrap around.
     spans = max(_span_counts(n, noise_density, mean_span_length)[1] for n in range(input_length))
     return spans + (1 if random_roll and spans else 0)
@@ -154,7 +155,7 @@ def max_target_length(
     input_length: int, noise_density: float = 0.15, mean_span_length: float = 3.0, random_roll: bool = False
 ) -> int:
     """Longest target (spans, sentinels, EOS) of a sequence whose corrupted input fits `input_length`."""
-    _check_noise_args(noise_density, mean_span_length)
+    check_noise_args(noise_density, mean_span_length)
     counts = [_span_counts(n, noise_density, mean_span_length) for n in range(input_length)]
     wrap = 1 if random_roll else 0
     return max(noise + spans + (wrap if spans else 0) for noise, spans in counts) + 1

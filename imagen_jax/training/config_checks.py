@@ -17,6 +17,7 @@ from imagen_jax.errors import ConfigError
 from imagen_jax.models.unet import COMPUTE_DTYPES, REMAT_POLICIES, compute_dtype
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
+from imagen_jax.text import pretrain
 from imagen_jax.text.build import PRETRAINED_IN_RUN
 
 
@@ -111,10 +112,10 @@ def _check_text_pretraining(text: ml_collections.ConfigDict) -> None:
     _positive(pt.learning_rate, "text.pretrain.learning_rate")
     _positive(pt.decoder_layers, "text.pretrain.decoder_layers", allow_zero=True)
     _positive(pt.time_budget_minutes, "text.pretrain.time_budget_minutes", allow_zero=True)
-    if not 0.0 < pt.noise_density < 1.0:
-        raise ConfigError(f"config.text.pretrain.noise_density={pt.noise_density} must be in (0, 1).")
-    if pt.mean_span_length < 1.0:
-        raise ConfigError(f"config.text.pretrain.mean_span_length={pt.mean_span_length} must be >= 1.")
+    try:
+        pretrain.check_noise_args(pt.noise_density, pt.mean_span_length)
+    except ConfigError as e:
+        raise ConfigError(f"config.text.pretrain: {e}") from None
 
 
 def _check_attention(model: ml_collections.ConfigDict) -> None:

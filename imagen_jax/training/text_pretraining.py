@@ -3,8 +3,9 @@
 the U-Net trains, saved as a Hugging Face folder under `<workdir>/text_encoder`, then frozen (and cached)
 like any pretrained T5. A rerun or `sample.py` on the workdir loads it from there; it is pretrained once.
 
-This is Imagen's recipe at demo scale: the language lives in a frozen, pretrained encoder, so the U-Net
-learns to read what its embeddings say rather than where the words sit in the caption.
+Imagen's recipe at small scale: the language lives in a frozen, pretrained encoder. It pays where the
+captions' words predict each other; on the shapes captions, whose attributes are independent, it did not
+(docs/shapes_demo.md, wording).
 """
 
 from __future__ import annotations
