@@ -163,14 +163,19 @@ def config_name(config_flag: Any) -> str:
 
 
 def seeded_text(config: Any) -> Any:
-    """`config` with the seeded T5 where it names one pretrained in a run (`text.encoder="pretrain"`, whose
-    sizes are the same `text.t5`): benchmarks time programs, not what the weights say."""
-    from imagen_jax.text.build import PRETRAINED_IN_RUN  # imported late: ROOT joins sys.path above
+    """`config` with the seeded T5 and bytes where it names what a run makes for itself, a T5 pretrained in
+    the run (`text.encoder="pretrain"`, the same sizes `text.t5`) or a vocabulary learned from its captions
+    (`text.tokenizer="captions"`, the same `max_length`): benchmarks time programs, not what text says."""
+    # Imported late: ROOT joins sys.path above.
+    from imagen_jax.text.build import LEARNED_TOKENIZER, PRETRAINED_IN_RUN
 
-    if config.text.encoder != PRETRAINED_IN_RUN:
+    if config.text.encoder != PRETRAINED_IN_RUN and config.text.tokenizer != LEARNED_TOKENIZER:
         return config
     config = config.copy_and_resolve_references()
-    config.text.encoder = "random"
+    if config.text.encoder == PRETRAINED_IN_RUN:
+        config.text.encoder = "random"
+    if config.text.tokenizer == LEARNED_TOKENIZER:
+        config.text.tokenizer = "byte"
     return config
 
 

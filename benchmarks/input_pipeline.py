@@ -22,13 +22,15 @@ from imagen_jax.data.pipeline import make_loader, measure_throughput
 from imagen_jax.data.sources import build_source
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.training.loop import text_inputs
+from imagen_jax.training.text_pretraining import prepare_run_text
 
 FLAGS = flags.FLAGS
 
 
 def benchmark(config, workdir: str, num_batches: int) -> dict:
     source = build_source(config.data, workdir, "train")
-    stage = stage_lib.build_stage(config, workdir=workdir)  # a run's own pretrained T5 is in its workdir
+    prepare_run_text(config.text, workdir, source)  # the vocabulary and T5 a run makes, as train.py does
+    stage = stage_lib.build_stage(config, workdir=workdir)
     loader = make_loader(
         source,
         batch_size=config.train.batch_size,

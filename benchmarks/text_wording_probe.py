@@ -1,6 +1,6 @@
 r"""How the shapes demo's text encoder represents colour words under the training and held-out framings.
 
-    python benchmarks/text_wording_probe.py                           # the config's seeded T5
+    python benchmarks/text_wording_probe.py                           # the config's seeded T5 on bytes
     python benchmarks/text_wording_probe.py --workdir runs/shapes_pt  # a run's own encoder ("pretrain")
 
 For every colour and framing, the colour word's embedding is the mean over its tokens of "<framing> small
@@ -61,7 +61,12 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default=None, help="a trained run: probe its text encoder")
     args = parser.parse_args()
-    encoder = load_stage(args.workdir).text if args.workdir else build_text_encoder(get_config().text)
+    if args.workdir:
+        encoder = load_stage(args.workdir).text
+    else:  # the seeded T5 on bytes, as the demo read captions before it learned their words
+        text = get_config().text
+        text.update(dict(tokenizer="byte", max_length=84))
+        encoder = build_text_encoder(text)
     result = probe(encoder)
     common.print_table([result], list(result))
 

@@ -19,6 +19,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     width = int(arg or 32)  # bench_small.py passes 64
     c.data.resolution = 32
     c.train.batch_size = 32
+    c.text.tokenizer = "byte"  # the benchmarks feed synthetic text: no vocabulary to learn
+    c.text.t5.vocab_size = 384
     c.text.max_length = 16
     c.text.train_jointly = False
     c.text.t5.d_model = 128
@@ -34,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             text_dim=128,
             norm_groups=8,  # imagen-pytorch's ResnetBlock GroupNorm groups
             patch_size=1,
+            image_positions=False,  # imagen-pytorch's U-Net has none
         )
     )
     return c

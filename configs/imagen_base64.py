@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             cond_dim=2048,
             text_dim=512,
             text_positions=False,  # T5-XXL encodes word order itself
+            image_positions=False,  # the paper's U-Net
             norm_groups=32,
             patch_size=1,
             remat=False,

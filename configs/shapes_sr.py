@@ -29,6 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # layout, and a second pretrained encoder would differ from the base stage's anyway (so the cascade
     # encodes prompts per stage: sample.py --noshare_text).
     c.text.encoder = "random"
+    # Bytes, as this stage's checkpoints were trained with: the low-res image carries the content, and a
+    # vocabulary learned per run would differ from the base stage's too.
+    c.text.update(dict(tokenizer="byte", max_length=84))
+    c.text.t5.vocab_size = 384
     # Like the paper's last stage: crops for training, no self-attention (attention over a crop would not
     # match attention over the whole image), text cross-attention at the lowest resolution only.
     with c.model.ignore_type():  # per-level tuples where the base stage has one value
@@ -37,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 efficient=True,
                 self_attention=False,
                 text_positions=False,  # captions barely matter once the low-res image fixes the layout
+                image_positions=False,  # crops: a pixel's place in the crop is not its place in the image
                 lowres_cond=True,
             )
         )

@@ -143,12 +143,22 @@ def test_eval_set_matches_examples_and_is_fast_to_render():
     assert (time.perf_counter() - start) / len(scenes) < 1e-3
 
 
-def test_the_words_variant_reads_every_caption_whole_as_t5_word_pieces(shared_dir):
+@pytest.mark.parametrize("variant", ["demo", "words"])
+def test_captions_read_as_word_pieces_whatever_frames_them(variant, shared_dir, tmp_path):
+    """The demo's vocabulary learned from the training captions, and T5's (the words variant)."""
     from configs.shapes import get_config
-    from imagen_jax.text.tokenizers import make_tokenizer
+    from imagen_jax.text.tokenizers import SentencePieceTokenizer, make_tokenizer, train_sentencepiece
 
-    text = get_config("words").text
-    tokenizer = make_tokenizer(str(shared_dir / "data" / "t5_spiece.model"), text.max_length)
+    text = get_config(variant).text
+    if variant == "demo":
+        assert text.tokenizer == "captions"
+        training = [caption for caption, _ in shapes.eval_set(3000, split="train", p_two=0.65)]
+        train_sentencepiece(training, tmp_path / "spiece.model", vocab_size=text.learned_tokenizer.vocab_size)
+        tokenizer = SentencePieceTokenizer(tmp_path / "spiece.model", text.max_length)
+        for word in (*shapes.COLOURS, *shapes.SHAPES, *shapes.SIZES, "left", "above", "below", "beneath"):
+            assert len(tokenizer.processor.encode(word)) == 1, word
+    else:
+        tokenizer = make_tokenizer(str(shared_dir / "data" / "t5_spiece.model"), text.max_length)
     captions = [caption for w in shapes.WORDINGS for caption, _ in shapes.eval_set(300, seed=4, wording=w)]
     tokens = tokenizer(captions)
     lengths = tokens["text_mask"].sum(axis=1)

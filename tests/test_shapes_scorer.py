@@ -70,7 +70,7 @@ def test_score_image_fields_and_wrong_attributes():
     image = shapes.render(shapes.Scene((red_circle,)), 32)
     row = shapes_scorer.score_image(image, shapes.Scene((red_circle,)))
     assert row == {"colour": True, "shape": True, "size": True, "relation": None, "found": True,
-                   "all_correct": True}
+                   "all_correct": True, "order_swapped": None, "attributes_swapped": None}
     for wrong, key in [
         ({"colour": "blue"}, "colour"), ({"shape": "square"}, "shape"), ({"size": "small"}, "size"),
     ]:
@@ -87,6 +87,16 @@ def test_relation_is_checked():
     assert shapes_scorer.score_image(image, shapes.Scene((a, b), "left"))["all_correct"]
     row = shapes_scorer.score_image(image, shapes.Scene((a, b), "right"))
     assert row["found"] and row["shape"] and row["relation"] is False and not row["all_correct"]
+    assert row["order_swapped"] and not row["attributes_swapped"]
+    assert not shapes_scorer.score_image(image, shapes.Scene((a, b), "above"))["order_swapped"]  # axis
+    # The blue object drawn as the red one's circle and the red one as the blue one's square.
+    asked = shapes.Scene(
+        (dataclasses.replace(a, shape="square"), dataclasses.replace(b, shape="circle")), "left"
+    )
+    row = shapes_scorer.score_image(image, asked)
+    assert row["attributes_swapped"] and not row["shape"] and row["relation"] and not row["order_swapped"]
+    table = shapes_scorer.score_batch([image, image], [asked, shapes.Scene((a, b), "right")])
+    assert table["two_objects"]["order_swapped"] == 0.5 and table["two_objects"]["attributes_swapped"] == 0.5
 
 
 def test_score_batch_length_mismatch():

@@ -1,11 +1,18 @@
-"""Tokenizers: known ids, fixed-length output, truncation warning, unconditional prompt, bad input."""
+"""Tokenizers: known ids, fixed-length output, truncation warning, unconditional prompt, bad input, and a
+SentencePiece vocabulary learned from captions."""
 
 import shutil
 
 import numpy as np
 import pytest
 
-from imagen_jax.text.tokenizers import ByT5Tokenizer, SentencePieceT5Tokenizer, make_tokenizer
+from imagen_jax.text.tokenizers import (
+    ByT5Tokenizer,
+    SentencePieceT5Tokenizer,
+    SentencePieceTokenizer,
+    make_tokenizer,
+    train_sentencepiece,
+)
 
 CORGI = "A cute corgi lives in a house made of sushi."
 CORGI_IDS = [71, 5295, 4301, 122, 23, 1342, 16, 3, 9, 629, 263, 13, 26297, 5, 1]
@@ -76,3 +83,28 @@ def test_bad_input():
         make_tokenizer("/no/such/spiece.model", 8)
     with pytest.raises(ValueError, match="max_length"):
         make_tokenizer("byte", 1)
+
+
+def test_a_vocabulary_learned_from_captions(tmp_path):
+    colours, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
+    texts = [f"a {size} {c} {s}" for size in ("small", "large") for c in colours for s in shapes] * 20
+    train_sentencepiece(texts, tmp_path / "a" / "spiece.model", vocab_size=400)
+    train_sentencepiece(texts, tmp_path / "b.model", vocab_size=400)
+    # Deterministic: the same texts give the same model, byte for byte.
+    assert (tmp_path / "a" / "spiece.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+    assert not list((tmp_path / "a").glob("*.tmp"))
+    tok = SentencePieceTokenizer(tmp_path / "a" / "spiece.model", max_length=12)
+    assert 259 < tok.vocab_size <= 400
+    ids = tok(["a small blue square", "A SMALL Blue square", "", "blue?"])
+    words = ids["text_ids"][0][ids["text_mask"][0]].tolist()
+    assert len(words) == 5 and words[-1] == 1  # each word one piece, then EOS
+    assert ids["text_ids"][1].tolist() == ids["text_ids"][0].tolist()  # case folded
+    assert not ids["text_mask"][2].any()  # the unconditional prompt
+    # Characters the captions never show are spelt in bytes (ids 3..258), never the unknown id 2.
+    blue_q = ids["text_ids"][3][ids["text_mask"][3]].tolist()
+    assert blue_q[0] == words[2] and 3 <= blue_q[1] < 259 and 2 not in blue_q
+    assert "SentencePieceTokenizer(" in repr(tok) and tok.processor.pad_id() == 0
+    with pytest.raises(ValueError, match="vocab_size 270 cannot hold .* every distinct character"):
+        train_sentencepiece(texts, tmp_path / "c.model", vocab_size=270)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        SentencePieceTokenizer(tmp_path / "missing.model")

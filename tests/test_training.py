@@ -3,6 +3,7 @@ errors (exact kill-and-resume: test_preemption.py)."""
 
 import json
 import logging
+import re
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import checkpoint
 from imagen_jax.text import hf_loader
+from imagen_jax.text.tokenizers import SentencePieceTokenizer
 from imagen_jax.training import loop
 from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
@@ -172,6 +174,28 @@ def test_bad_config_values_are_named(key, value, message):
         validate_config(config)
 
 
+def test_image_positions_and_crops_are_refused_together():
+    from configs.shapes_sr import get_config as sr_config
+
+    config = sr_config("tiny")
+    validate_config(config)
+    config.model.image_positions = True
+    with pytest.raises(ValueError, match=r"image_positions=True .* crop \(config.data.crop_resolution=32\)"):
+        validate_config(config)
+
+
+def test_a_learned_vocabulary_must_fit_the_t5_it_feeds():
+    config = tiny_config()
+    config.text.tokenizer = "captions"
+    validate_config(config)
+    config.text.learned_tokenizer.vocab_size = 512
+    with pytest.raises(ValueError, match=r"vocab_size=512 must exceed 259 .* config.text.t5.vocab_size=384"):
+        validate_config(config)
+    config.text.encoder = "google/t5-v1_1-small"
+    with pytest.raises(ValueError, match="the checkpoint 'google/t5-v1_1-small' reads its own"):
+        validate_config(config)
+
+
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     config = tiny_config(num_steps=2, checkpoint_every=2)
     config.data.data_dir = str(tmp_path / "data")
@@ -184,28 +208,39 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
         stage_lib.load_stage(str(tmp_path / "run"), config=other)
 
 
-def test_train_then_sample_end_to_end_with_the_text_encoder_pretrained_in_the_run(tmp_path, caplog):
+def test_train_then_sample_end_to_end_with_the_vocabulary_and_text_encoder_made_in_the_run(tmp_path, caplog):
     from imagen_jax.cascade.sampling_cli import sample_to_grid
 
     config = tiny_config(num_steps=2, checkpoint_every=2)
     config.data.data_dir = str(tmp_path / "data")
+    config.text.tokenizer = "captions"
     config.text.encoder = "pretrain"
     config.text.train_jointly = False
     config.text.pretrain.update(num_steps=6, batch_size=8, log_every=3)
-    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    with caplog.at_level(logging.INFO):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert re.search(r"tokenizer: learned \d+ bpe pieces .* from 64 captions", caplog.text)
+    vocabulary = (tmp_path / "run" / "tokenizer" / "spiece.model").read_bytes()
     folder = tmp_path / "run" / "text_encoder"
     losses = json.loads((folder / "pretrain_losses.json").read_text())["loss"]
     assert len(losses) == 6 and all(np.isfinite(losses))
     stage = stage_lib.load_stage(str(tmp_path / "run"))
+    assert isinstance(stage.text.tokenizer, SentencePieceTokenizer)
+    # The pretraining read the captions in the learned pieces: a whole word is one id beyond the bytes.
+    circle = stage.text.tokenizer(["circle"])["text_ids"][0, :2].tolist()
+    assert circle[0] >= 259 and circle[1] == 1
     saved = hf_loader.load_t5_encoder(str(folder), tokenizer="byte", max_length=config.text.max_length)
     for a, b in zip(jax.tree.leaves(stage.text.params), jax.tree.leaves(saved.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # Training on from the checkpoint uses the run's encoder as it is: never pretrained twice.
+    # Training on from the checkpoint uses the run's vocabulary and encoder as they are: never made twice.
     config.train.num_steps = 3
+    caplog.clear()
     with caplog.at_level(logging.INFO):
         loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "the vocabulary learned in this run" in caplog.text and "tokenizer: learned" not in caplog.text
     assert "the T5 pretrained in this run" in caplog.text
     assert "pretraining the text encoder" not in caplog.text
+    assert (tmp_path / "run" / "tokenizer" / "spiece.model").read_bytes() == vocabulary
     assert json.loads((folder / "pretrain_losses.json").read_text())["loss"] == losses
     png, txt = sample_to_grid(
         str(tmp_path / "run"),

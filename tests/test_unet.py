@@ -80,9 +80,12 @@ def pool(width, heads, hd, learned):
     return width + (width if learned else 0) + 3 * width * heads * hd + heads * hd * width + width
 
 
-@pytest.mark.parametrize("null_text,text_positions", [("zero", False), ("learned", False), ("zero", True)])
-def test_parameter_count_matches_hand_count(null_text, text_positions):
-    model = UNet(**SMALL, null_text=null_text, text_positions=text_positions)
+@pytest.mark.parametrize(
+    "null_text,text_positions,image_positions",
+    [("zero", False, False), ("learned", False, False), ("zero", True, False), ("zero", False, True)],
+)
+def test_parameter_count_matches_hand_count(null_text, text_positions, image_positions):
+    model = UNet(**SMALL, null_text=null_text, text_positions=text_positions, image_positions=image_positions)
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), *_inputs())["params"]))
     learned = null_text == "learned"
     c0, c1, cond, td = 8, 16, 16, 16
@@ -94,6 +97,7 @@ def test_parameter_count_matches_hand_count(null_text, text_positions):
         + pool(td, 2, 8, learned)
         + dense(td, cond)  # attention pooling + its projection
         + conv(3, c0)  # conv_in
+        + (dense(2 + 4 * 4, c0) if image_positions else 0)  # (y, x) and sin/cos at 4 frequencies each
         + res(c0, c0, cond)  # level 0, block 0 (no attention)
         + conv(c0, c0)  # downsample
         + res(c0, c1, cond)
@@ -174,6 +178,21 @@ def test_word_order_reaches_the_unet_only_through_text_positions():
         out, out_rev = (model.apply({"params": params}, z, logsnr, t, mask) for t in (text, reversed_text))
         # Attention over tokens is permutation invariant; learned positions make order visible.
         assert np.allclose(out, out_rev, atol=1e-5) != text_positions
+
+
+def test_left_differs_from_right_only_with_image_positions():
+    # A flat image, far from the borders that zero padding marks: without image positions every cell there
+    # computes the same function of the same inputs (convolutions and attention are blind to place).
+    z = jnp.full((1, 96, 96, 3), 0.3)
+    logsnr, text = jnp.zeros((1,)), jax.random.normal(jax.random.PRNGKey(0), (1, 4, TEXT_D))
+    mask = jnp.ones((1, 4), bool)
+    for image_positions in (False, True):
+        model = UNet(**SMALL, image_positions=image_positions)
+        params = nn.unbox(model.init(jax.random.PRNGKey(1), z, logsnr, text, mask)["params"])
+        params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
+        out = model.apply({"params": params}, z, logsnr, text, mask)
+        left, right = out[0, 48, 40], out[0, 48, 56]  # 40 pixels from every border
+        assert np.allclose(left, right, atol=1e-5) != image_positions
 
 
 def test_parameters_carry_logical_axis_names():

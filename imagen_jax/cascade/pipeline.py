@@ -13,6 +13,7 @@ encoded once when the stages share their encoder, as the paper's three stages sh
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from imagen_jax.errors import CheckpointNotFoundError, ConfigError
 from imagen_jax.stage import integrity
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.sampling import encode_prompts, generate
-from imagen_jax.text.build import PRETRAINED_IN_RUN
+from imagen_jax.text.build import LEARNED_TOKENIZER, PRETRAINED_IN_RUN
 
 # Per-stage sampling settings a caller may set; None (or absent) = that stage's config.sample value.
 STAGE_OPTIONS = (
@@ -41,16 +42,22 @@ STAGE_OPTIONS = (
 
 def _text_identity(stage: Stage) -> dict[str, Any]:
     """What decides the text embeddings: the encoder's config (a jointly trained one is never shared), and
-    for a T5 pretrained in its stage's run, its weights (two runs pretrain two different encoders)."""
+    what each run made for itself: a T5 pretrained in the run (its weights) and a vocabulary learned from
+    its captions (the model file); two runs may have made different ones."""
     identity = json.loads(stage.config.text.to_json_best_effort())
     if stage.config.text.encoder == PRETRAINED_IN_RUN:
         identity["weights"] = integrity.digest_tree(stage.text.params)[0]
+    if stage.config.text.get("tokenizer") == LEARNED_TOKENIZER:
+        identity["vocabulary"] = hashlib.sha256(stage.text.tokenizer.path.read_bytes()).hexdigest()
     return identity
 
 
 def _text_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     if a.get("weights") != b.get("weights"):
         return ["each stage pretrained its own T5 (text.encoder='pretrain'), with different weights"]
+    if a.get("vocabulary") != b.get("vocabulary"):
+        return ["each stage learned its own vocabulary from its captions (text.tokenizer='captions'), "
+                "and they differ"]
     keys = ("encoder", "tokenizer", "max_length", "dtype", "seed", "t5", "train_jointly")
     return [f"text.{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 

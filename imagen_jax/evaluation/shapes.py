@@ -163,6 +163,7 @@ SUMMARY_COLUMNS = (
     ("two_objects", "all_correct", "count"),
     ("two_objects", "relation", "relation_count"),
     ("two_objects", "found", "count"),
+    ("two_objects", "order_swapped", "relation_count"),
 )
 
 

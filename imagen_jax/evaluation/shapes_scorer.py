@@ -17,6 +17,8 @@ No learned model, fully deterministic. Steps, per image:
 4. Matching: each described object takes the largest component of its colour. One-object captions judge
    the largest component in the image (the object the model drew): colour, shape, size. Two-object
    captions need both colours found; relation compares the two centroids along the dominant axis.
+5. Binding failures, where both are found: `order_swapped` (the relation's axis right, the two objects
+   in each other's place) and `attributes_swapped` (the two objects' shapes or sizes exchanged).
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ def find_components(image: np.ndarray, *, min_area: float = 0.012) -> list[Compo
     return sorted(comps, key=lambda c: -c.area)
 
 
+_OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
 def _relation(a: Component, b: Component) -> str:
     dx, dy = a.cx - b.cx, a.cy - b.cy
     if abs(dx) > abs(dy):
@@ -171,7 +176,8 @@ def score_image(image: np.ndarray, scene: Scene) -> dict[str, bool | None]:
     """Per-attribute correctness of `image` (uint8 [H, W, 3]) against `scene`.
 
     Keys: colour, shape, size, relation (None for one object), found (every described object has a
-    component of its colour), all_correct. For two objects, colour/shape/size need both objects right.
+    component of its colour), all_correct. For two objects, colour/shape/size need both objects right;
+    order_swapped and attributes_swapped (None for one object) name the binding failures (module doc).
     """
     comps = find_components(image)
     by_colour: dict[str, Component] = {}
@@ -192,10 +198,18 @@ def score_image(image: np.ndarray, scene: Scene) -> dict[str, bool | None]:
             "relation": None,
             "found": found,
             "all_correct": bool(colour and shape and size),
+            "order_swapped": None,
+            "attributes_swapped": None,
         }
     shape = found and all(m.shape == o.shape for m, o in zip(matched, scene.objects, strict=True))
     size = found and all(m.size == o.size for m, o in zip(matched, scene.objects, strict=True))
     relation = found and _relation(matched[0], matched[1]) == scene.relation
+    a, b = scene.objects
+    swapped = found and any(
+        getattr(a, k) != getattr(b, k)
+        and (getattr(matched[0], k), getattr(matched[1], k)) == (getattr(b, k), getattr(a, k))
+        for k in ("shape", "size")
+    )
     return {
         "colour": found,
         "shape": bool(shape),
@@ -203,6 +217,8 @@ def score_image(image: np.ndarray, scene: Scene) -> dict[str, bool | None]:
         "relation": bool(relation),
         "found": found,
         "all_correct": bool(found and shape and size and relation),
+        "order_swapped": found and _relation(matched[0], matched[1]) == _OPPOSITE[scene.relation],
+        "attributes_swapped": bool(swapped),
     }
 
 
@@ -210,9 +226,11 @@ def score_batch(images: Sequence[np.ndarray] | np.ndarray, scenes: Sequence[Scen
     """Aggregate `score_image` over a batch.
 
     Returns {"one_object": {count, colour, size, shape, all_correct},
-             "two_objects": {count, found, colour, size, shape, relation, relation_count, all_correct},
+             "two_objects": {count, found, colour, size, shape, relation, relation_count, all_correct,
+                             order_swapped, attributes_swapped},
              "overall": {count, all_correct}}; accuracies are fractions (None when the count is 0).
-    Two-object relation accuracy is over images where both objects are found (relation_count of them).
+    Two-object relation accuracy and the swap rates are over images where both objects are found
+    (relation_count of them).
     """
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
@@ -235,6 +253,8 @@ def score_batch(images: Sequence[np.ndarray] | np.ndarray, scenes: Sequence[Scen
             "relation": mean(found_two, "relation"),
             "relation_count": len(found_two),
             "all_correct": mean(two, "all_correct"),
+            "order_swapped": mean(found_two, "order_swapped"),
+            "attributes_swapped": mean(found_two, "attributes_swapped"),
         },
         "overall": {"count": len(rows), "all_correct": mean(rows, "all_correct")},
     }

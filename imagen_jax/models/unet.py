@@ -180,6 +180,11 @@ class UNet(nn.Module):
     # word order ("red ... left of ... blue") reaches the U-Net only through the encoder; a weak (small,
     # frozen) encoder needs this to bind words to objects. Off for pretrained T5, as in the paper.
     text_positions: bool = False
+    # Where each pixel sits, as Fourier features of its image coordinates projected and added after the
+    # stem. Convolutions and attention are blind to absolute position (only zero padding hints at it),
+    # so "left of" cannot say which side is left: such a U-Net draws the right axis with the objects in
+    # either order. Coordinates are of the whole image, so not for crop-trained stages.
+    image_positions: bool = False
     norm_groups: int = 32
     dropout: float = 0.0
     null_text: str = "zero"  # unconditional text: "zero" embedding (paper) or a "learned" null token
@@ -378,6 +383,9 @@ class UNet(nn.Module):
                 .reshape(b, hh // p, ww // p, -1)
             )
         h = layers.conv(widths[0], name="conv_in", **kw)(x.astype(self.dtype))
+        if self.image_positions:
+            features = image_coordinate_features(h.shape[1], h.shape[2]).astype(self.dtype)
+            h = h + layers.dense(widths[0], name="image_positions", **kw)(features)[None]
 
         def spec(level: int) -> BlockSpec:
             heads, head_dim = self._heads(widths[level])
@@ -445,6 +453,17 @@ class UNet(nn.Module):
 
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def image_coordinate_features(height: int, width: int, num_frequencies: int = 4) -> jax.Array:
+    """[height, width, 2 + 4 * num_frequencies]: each cell centre's (y, x) in [-1, 1], and sin/cos of both
+    at periods 2, 1, 1/2, ... (in those units), fine enough to tell neighbouring cells of a 16x16 grid."""
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+    coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)  # [H, W, 2]
+    angles = coords[..., None] * (jnp.pi * 2.0 ** jnp.arange(num_frequencies))  # [H, W, 2, F]
+    angles = angles.reshape(height, width, -1)
+    return jnp.concatenate([coords, jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
 def compute_dtype(name: str, backend: str | None = None) -> str:

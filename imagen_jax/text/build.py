@@ -1,5 +1,5 @@
 """`build_text_encoder(config.text)`: the seeded random T5, the T5 pretrained in the run, or a Hugging Face
-checkpoint, by name.
+checkpoint, by name; `build_tokenizer(config.text)`: its tokenizer, including one learned in the run.
 
 Its own module so that `encoder` (the TextEncoder type) and `hf_loader` (which builds one) import
 downward only; the keys it reads are listed in `imagen_jax.text.encoder`.
@@ -23,7 +23,7 @@ from imagen_jax.text.encoder import (
     t5_config_from_dict,
 )
 from imagen_jax.text.t5 import T5Encoder
-from imagen_jax.text.tokenizers import make_tokenizer
+from imagen_jax.text.tokenizers import SentencePieceTokenizer, Tokenizer, make_tokenizer
 
 # `text.encoder` value of a T5 pretrained at the start of the run (`imagen_jax.text.pretrain`) and kept,
 # as a Hugging Face folder, in the run's workdir.
@@ -33,6 +33,46 @@ PRETRAINED_IN_RUN = "pretrain"
 def pretrained_folder(workdir: str | epath.PathLike) -> epath.Path:
     """Where a run with `text.encoder="pretrain"` keeps its pretrained T5 (a Hugging Face folder)."""
     return epath.Path(workdir) / "text_encoder"
+
+
+# `text.tokenizer` value of a SentencePiece vocabulary learned from the run's training captions at its
+# start (`imagen_jax.training.text_pretraining`), kept in the run's workdir.
+LEARNED_TOKENIZER = "captions"
+
+
+def learned_tokenizer_file(workdir: str | epath.PathLike) -> epath.Path:
+    """Where a run with `text.tokenizer="captions"` keeps the SentencePiece model it learned."""
+    return epath.Path(workdir) / "tokenizer" / "spiece.model"
+
+
+def _run_file(what: str, path: epath.Path, made_by: str) -> str:
+    """`path`, a file a run writes into its workdir, as a local path; a clear error when it is missing."""
+    if not path.exists():
+        raise ConfigError(
+            f"{what}, and {path} does not exist: train.py {made_by} before the U-Net trains; to sample, "
+            "pass the workdir of the run that trained."
+        )
+    if "://" in str(path):
+        raise ConfigError(
+            f"{path}: {what} from local folders only; copy the run's workdir to a local folder to sample."
+        )
+    return str(path)
+
+
+def build_tokenizer(text_config: Any, workdir: str | epath.PathLike | None = None) -> Tokenizer | None:
+    """The tokenizer `text_config.tokenizer` names ("captions": the one learned in the run at `workdir`);
+    None for "" (a checkpoint's own, which the loader reads)."""
+    name = text_config.get("tokenizer", None)
+    max_length = int(text_config.get("max_length", 128))
+    if name == LEARNED_TOKENIZER:
+        what = f"config.text.tokenizer={LEARNED_TOKENIZER!r} reads the vocabulary a run learned from captions"
+        if workdir is None:
+            raise ConfigError(f"{what} in its workdir, and none was given; pass the run's workdir.")
+        path = _run_file(what, learned_tokenizer_file(workdir), "learns it")
+        return SentencePieceTokenizer(path, max_length)
+    if not name and str(text_config.encoder) in ("random", PRETRAINED_IN_RUN):
+        name = "byte"
+    return make_tokenizer(name, max_length) if name else None
 
 
 def build_text_encoder(
@@ -47,10 +87,9 @@ def build_text_encoder(
     dtype = parse_dtype(text_config.get("dtype", "float32"))
     max_length = int(text_config.get("max_length", 128))
     encoder = str(text_config.encoder)
-    tokenizer_name = text_config.get("tokenizer", None)
+    tokenizer = build_tokenizer(text_config, workdir)
     if encoder == "random":
         cfg = t5_config_from_dict(text_config.t5)
-        tokenizer = make_tokenizer(tokenizer_name or "byte", max_length)
         check_tokenizer_vocab(tokenizer, cfg)
         module = T5Encoder(cfg, dtype=dtype, param_dtype=dtype)
         params = init_params(module, jax.random.PRNGKey(int(text_config.get("seed", 0))), mesh, rules)
@@ -59,22 +98,12 @@ def build_text_encoder(
         what = f"config.text.encoder={PRETRAINED_IN_RUN!r} loads the T5 pretrained at the start of a run"
         if workdir is None:
             raise ConfigError(f"{what} from its workdir, and none was given; pass the run's workdir.")
-        folder = pretrained_folder(workdir)
-        if not (folder / "config.json").exists():
-            raise ConfigError(
-                f"{what}, and {folder} holds none: train.py pretrains it before the U-Net trains; to "
-                "sample, pass the workdir of the run that trained."
-            )
-        if "://" in str(folder):
-            raise ConfigError(
-                f"{folder}: the run's pretrained T5 is read from a local folder only; copy it to a local "
-                "folder and set config.text.encoder to that folder."
-            )
-        encoder = str(folder)
+        encoder = str(pretrained_folder(workdir))
+        _run_file(what, pretrained_folder(workdir) / "config.json", "pretrains it")
     from imagen_jax.text.hf_loader import load_t5_encoder  # imports safetensors only when needed
 
     loaded = load_t5_encoder(
-        encoder, dtype=dtype, mesh=mesh, rules=rules, max_length=max_length, tokenizer=tokenizer_name or None
+        encoder, dtype=dtype, mesh=mesh, rules=rules, max_length=max_length, tokenizer=tokenizer
     )
     check_tokenizer_vocab(loaded.tokenizer, loaded.module.config)
     return loaded

@@ -4,7 +4,9 @@
   encoder     "random" (a seeded random T5 sized by `t5`, for demos/tests, no download), "pretrain" (that
               T5 pretrained at the start of the run on its captions, `pretrain`; read from the run's
               workdir) or a Hugging Face folder / hub id in the local cache (`hf_loader.load_t5_encoder`)
-  tokenizer   "byte", a spiece.model path or a folder; for a checkpoint, "" / None = the checkpoint's own
+  tokenizer   "byte", "captions" (a SentencePiece vocabulary learned from the run's training captions at the
+              start of the run, `learned_tokenizer`; read from the run's workdir), a spiece.model path or
+              a folder; for a checkpoint, "" / None = the checkpoint's own
   max_length  tokens per prompt, EOS included
   dtype       "float32" | "bfloat16": compute dtype and dtype the parameters are stored in
   seed, t5    (random, pretrain) PRNG seed and T5 sizes: vocab_size, d_model, d_kv, d_ff, num_heads,
@@ -114,9 +116,8 @@ def t5_config_from_dict(t5: Any) -> T5Config:
 def check_tokenizer_vocab(tokenizer: Tokenizer, cfg: T5Config) -> None:
     """Raises ValueError when the tokenizer can emit ids beyond the embedding table."""
     # Ids beyond the embedding table would be silently clamped by jnp.take: catch the mismatch early.
-    hf = getattr(tokenizer, "hf_tokenizer", None)
-    size = len(hf) if hf is not None else None
-    if size is not None and size > cfg.vocab_size:
+    size = tokenizer.vocab_size
+    if size > cfg.vocab_size:
         raise ConfigError(
             f"tokenizer {tokenizer!r} has {size} tokens but the T5 vocab_size is {cfg.vocab_size}; "
             "use a tokenizer matching the encoder (ByT5 needs vocab_size >= 384, SentencePiece T5 32128)."

@@ -7,13 +7,15 @@ with EOS (1), padding is id 0 with mask False. Shared rules (in `Tokenizer.__cal
   it is exactly what classifier-free guidance's dropped text looks like;
 - a non-string prompt raises TypeError (index and type), an empty prompt list ValueError.
 
-Backends are transformers tokenizers: ByT5 (bytes + 3, no files), SentencePiece T5 from a `spiece.model`
-or a Hugging Face folder (the fast tokenizer when `tokenizer.json` exists).
+Backends: transformers tokenizers for ByT5 (bytes + 3, no files) and for T5's SentencePiece vocabulary from
+a `spiece.model` or a Hugging Face folder (the fast tokenizer when `tokenizer.json` exists); sentencepiece
+itself for a vocabulary learned from a run's own captions (`train_sentencepiece`, `SentencePieceTokenizer`).
 """
 
 from __future__ import annotations
 
 import abc
+import io
 import os
 import pathlib
 import shutil
@@ -28,6 +30,7 @@ from imagen_jax.errors import InputFileNotFoundError
 
 PAD_ID = 0
 EOS_ID = 1
+UNK_ID = 2
 
 # Checked against sentencepiece itself after loading (transformers has returned silent garbage for some
 # ways of loading spiece.model; see shared/TRAPS.md).
@@ -51,6 +54,11 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def encode_batch(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt, without EOS or padding."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can emit (all below this)."""
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         if isinstance(prompts, str):  # a bare string would otherwise tokenize letter by letter
@@ -94,6 +102,10 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, prompts: list[str]) -> list[list[int]]:
         return self.hf_tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf_tokenizer)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, max_length={self.max_length})"
@@ -143,6 +155,82 @@ class SentencePieceT5Tokenizer(HFTokenizer):
             hf = T5Tokenizer.from_pretrained(tmp)  # reads the model into memory; the folder can go
         _check_against_sentencepiece(hf, path)
         super().__init__(hf, max_length, name=str(path))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model read by sentencepiece itself, with its byte fallback and normalisation rules
+    (transformers' T5 tokenizers drop both): the vocabulary `train_sentencepiece` learns from captions."""
+
+    def __init__(self, model_path: str | os.PathLike, max_length: int = 128):
+        import sentencepiece as spm
+
+        super().__init__(max_length)
+        self.path = pathlib.Path(model_path)
+        if not self.path.is_file():
+            raise InputFileNotFoundError(f"SentencePiece model {self.path} not found.")
+        self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        ids = [self.processor.pad_id(), self.processor.eos_id(), self.processor.unk_id()]
+        if ids != [PAD_ID, EOS_ID, UNK_ID]:
+            raise ValueError(
+                f"SentencePiece model {self.path} has pad, EOS and unknown ids {ids}; T5 encoders expect "
+                f"{[PAD_ID, EOS_ID, UNK_ID]}, as train_sentencepiece sets."
+            )
+
+    def encode_batch(self, prompts: list[str]) -> list[list[int]]:
+        return self.processor.encode(prompts)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.processor.get_piece_size())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, max_length={self.max_length})"
+
+
+def train_sentencepiece(
+    texts: Sequence[str],
+    model_path: str | os.PathLike,
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    normalization: str = "nmt_nfkc_cf",
+) -> None:
+    """Learns a SentencePiece vocabulary of at most `vocab_size` pieces from `texts` and writes it to
+    `model_path` (whole, or not at all). Ids follow T5's: pad 0, EOS 1, unknown 2, no BOS. Byte fallback
+    spells any character the texts never show as its UTF-8 bytes (256 of the pieces), so no prompt maps to
+    the unknown id; `normalization` "nmt_nfkc_cf" also folds case. Deterministic for the same texts."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=int(vocab_size),
+            hard_vocab_limit=False,  # texts with fewer distinct pieces get a smaller vocabulary, no error
+            model_type=model_type,
+            normalization_rule_name=normalization,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            byte_fallback=True,
+            character_coverage=1.0,
+            num_threads=1,  # one thread: the same pieces on every run
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        if "smaller than required_chars" not in str(e):
+            raise
+        raise ValueError(
+            f"vocab_size {vocab_size} cannot hold pad, EOS, unknown, the 256 bytes and every distinct "
+            f"character of the texts; raise it (sentencepiece: {str(e).split('] ')[-1]})"
+        ) from None
+    path = pathlib.Path(model_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
 
 
 def load_hf_tokenizer(folder: str | os.PathLike, max_length: int = 128) -> HFTokenizer:

@@ -18,7 +18,7 @@ from imagen_jax.models.unet import COMPUTE_DTYPES, REMAT_POLICIES, compute_dtype
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
 from imagen_jax.text import pretrain
-from imagen_jax.text.build import PRETRAINED_IN_RUN
+from imagen_jax.text.build import LEARNED_TOKENIZER, PRETRAINED_IN_RUN
 
 
 def _choice(value: object, allowed: tuple, key: str) -> None:
@@ -77,6 +77,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
     _check_mesh(config)
     _check_text_pretraining(config.text)
+    _check_learned_tokenizer(config.text)
     if t.sample_every and not _is_tuple_of(t.sample_prompts, str, nonempty=True):
         raise ConfigError(
             f"config.train.sample_prompts={t.sample_prompts!r} must be a non-empty tuple of strings when "
@@ -89,6 +90,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
     _check_levels(config.model)
     _check_attention(config.model)
+    if config.model.get("image_positions", False) and config.data.get("crop_resolution", 0):
+        raise ConfigError(
+            "config.model.image_positions=True tells the U-Net where each pixel sits in the image, which a "
+            f"crop (config.data.crop_resolution={config.data.crop_resolution}) does not: set one of them off."
+        )
     _choice(config.model.get("remat_policy", "nothing_saveable"), REMAT_POLICIES, "model.remat_policy")
     res, patch = config.data.resolution, config.model.patch_size
     factor = patch * 2 ** (len(config.model.channel_mults) - 1)
@@ -116,6 +122,24 @@ def _check_text_pretraining(text: ml_collections.ConfigDict) -> None:
         pretrain.check_noise_args(pt.noise_density, pt.mean_span_length)
     except ConfigError as e:
         raise ConfigError(f"config.text.pretrain: {e}") from None
+
+
+def _check_learned_tokenizer(text: ml_collections.ConfigDict) -> None:
+    if text.tokenizer != LEARNED_TOKENIZER:
+        return
+    if text.encoder not in ("random", PRETRAINED_IN_RUN):
+        raise ConfigError(
+            f"config.text.tokenizer={LEARNED_TOKENIZER!r} learns a vocabulary for a T5 made in the run; "
+            f"the checkpoint {text.encoder!r} reads its own: set config.text.tokenizer=''."
+        )
+    learned = text.learned_tokenizer
+    _choice(learned.model_type, ("bpe", "unigram"), "text.learned_tokenizer.model_type")
+    if not 259 < learned.vocab_size <= text.t5.vocab_size:
+        raise ConfigError(
+            f"config.text.learned_tokenizer.vocab_size={learned.vocab_size} must exceed 259 (pad, EOS, "
+            f"unknown and 256 bytes) and fit the T5's embedding table, config.text.t5.vocab_size="
+            f"{text.t5.vocab_size}."
+        )
 
 
 def _check_attention(model: ml_collections.ConfigDict) -> None:

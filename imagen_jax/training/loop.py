@@ -37,7 +37,7 @@ from imagen_jax.training.config_checks import validate_config
 from imagen_jax.training.progress import MetricWriter, Progress
 from imagen_jax.training.state import TrainState, make_optimizer
 from imagen_jax.training.step import make_train_step
-from imagen_jax.training.text_pretraining import ensure_text_encoder
+from imagen_jax.training.text_pretraining import prepare_run_text
 
 log = logging.getLogger("imagen_jax")
 
@@ -258,7 +258,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     )
 
     source = build_source(config.data, workdir, "train")
-    ensure_text_encoder(config.text, workdir, source)
+    prepare_run_text(config.text, workdir, source)
     stage = build_stage(config, mesh, workdir)
     optimizer = make_optimizer(config.optim, tc.num_steps)
     loader = make_loader(

@@ -1,7 +1,12 @@
-"""The run's own text encoder: with `config.text.encoder = "pretrain"`, a small T5 (sized by
-`config.text.t5`) is pretrained with T5's span-corruption objective on the run's training captions before
-the U-Net trains, saved as a Hugging Face folder under `<workdir>/text_encoder`, then frozen (and cached)
-like any pretrained T5. A rerun or `sample.py` on the workdir loads it from there; it is pretrained once.
+"""What a run makes for its text side from its own training captions, before the U-Net trains, once:
+
+- with `config.text.tokenizer = "captions"`, a SentencePiece vocabulary (`config.text.learned_tokenizer`),
+  saved as `<workdir>/tokenizer/spiece.model`: word pieces with no file to download;
+- with `config.text.encoder = "pretrain"`, a small T5 (sized by `config.text.t5`) pretrained with T5's
+  span-corruption objective, saved as a Hugging Face folder under `<workdir>/text_encoder`, then frozen (and
+  cached) like any pretrained T5.
+
+A rerun or `sample.py` on the workdir loads them from there. Process 0 makes them; the others wait.
 
 Imagen's recipe at small scale: the language lives in a frozen, pretrained encoder. It pays where the
 captions' words predict each other; on the shapes captions, whose attributes are independent, it did not
@@ -10,19 +15,30 @@ captions' words predict each other; on the shapes captions, whose attributes are
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
+import jax
 import ml_collections
+import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from imagen_jax.data.pipeline import as_str
 from imagen_jax.parallel import distributed
 from imagen_jax.text import pretrain
-from imagen_jax.text.build import PRETRAINED_IN_RUN, pretrained_folder
+from imagen_jax.text.build import (
+    LEARNED_TOKENIZER,
+    PRETRAINED_IN_RUN,
+    build_tokenizer,
+    learned_tokenizer_file,
+    pretrained_folder,
+)
 from imagen_jax.text.encoder import t5_config_from_dict
-from imagen_jax.text.tokenizers import make_tokenizer
+from imagen_jax.text.tokenizers import SentencePieceTokenizer, train_sentencepiece
 from imagen_jax.training.progress import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -31,25 +47,74 @@ LOSSES_FILE = "pretrain_losses.json"
 _CURVE_EVERY = 10  # steps per TensorBoard point of the pretraining loss
 
 
-def ensure_text_encoder(text: ml_collections.ConfigDict, workdir: str, source: Sequence[dict]) -> None:
-    """Pretrains and saves the run's T5 on the captions of the training `source` unless the workdir has it
-    (`text.encoder` other than "pretrain": nothing to do). Process 0 pretrains; the others wait for it."""
-    if text.encoder != PRETRAINED_IN_RUN:
+def prepare_run_text(text: ml_collections.ConfigDict, workdir: str, source: Sequence[dict]) -> None:
+    """Learns the run's vocabulary, then pretrains its T5, on the captions of the training `source`, each
+    only where `text` asks for it and the workdir does not have it yet."""
+    captions = functools.cache(lambda: [as_str(source[i]["caption"]) for i in range(len(source))])
+    if text.tokenizer == LEARNED_TOKENIZER:
+        _ensure_tokenizer(text.learned_tokenizer, workdir, captions)
+    if text.encoder == PRETRAINED_IN_RUN:
+        _ensure_text_encoder(text, workdir, captions)
+
+
+def _missing(path: epath.Path) -> bool:
+    """Whether process 0 lacks `path`, agreed by every process (each looking for itself could disagree
+    while process 0 writes it, and leave process 0 waiting for the others forever)."""
+    missing = not path.exists()
+    if jax.process_count() > 1:
+        missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+    return missing
+
+
+def _made_by_process_0(path: epath.Path, what: str) -> None:
+    multihost_utils.sync_global_devices(what)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: process 0 made the run's {what} but this process cannot see it; multi-host runs need "
+            "a workdir on a filesystem every host shares."
+        )
+
+
+def _ensure_tokenizer(
+    learned: ml_collections.ConfigDict, workdir: str, captions: Callable[[], list[str]]
+) -> None:
+    path = learned_tokenizer_file(workdir)
+    if not _missing(path):
+        log.info("tokenizer: the vocabulary learned in this run, %s", path)
         return
+    if distributed.is_primary():
+        start = time.perf_counter()
+        train_sentencepiece(
+            captions(),
+            path,
+            vocab_size=int(learned.vocab_size),
+            model_type=learned.model_type,
+            normalization=learned.normalization,
+        )
+        log.info(
+            "tokenizer: learned %d %s pieces (256 of them bytes) from %d captions in %.1f s, saved to %s",
+            SentencePieceTokenizer(path).vocab_size, learned.model_type, len(captions()),
+            time.perf_counter() - start, path,
+        )
+    _made_by_process_0(path, "vocabulary")
+
+
+def _ensure_text_encoder(
+    text: ml_collections.ConfigDict, workdir: str, captions: Callable[[], list[str]]
+) -> None:
     folder = pretrained_folder(workdir)
-    if (folder / "config.json").exists():
+    if not _missing(folder / "config.json"):
         log.info("text encoder: the T5 pretrained in this run, %s", folder)
         return
     if distributed.is_primary():
         pt = text.pretrain
-        captions = [as_str(source[i]["caption"]) for i in range(len(source))]
         t5_config = t5_config_from_dict(text.t5)
         log.info(
             "pretraining the text encoder (T5 %d layers, d_model %d) on %d captions: %d steps of %d, span "
             "corruption %.0f%% of tokens in spans of %.1f",
             t5_config.num_layers,
             t5_config.d_model,
-            len(captions),
+            len(captions()),
             pt.num_steps,
             pt.batch_size,
             100 * pt.noise_density,
@@ -57,8 +122,8 @@ def ensure_text_encoder(text: ml_collections.ConfigDict, workdir: str, source: S
         )
         params, losses = pretrain.pretrain_t5(
             t5_config,
-            make_tokenizer(text.tokenizer, int(text.max_length)),
-            captions,
+            build_tokenizer(text, workdir),
+            captions(),
             num_steps=pt.num_steps,
             batch_size=pt.batch_size,
             learning_rate=pt.learning_rate,
@@ -77,9 +142,4 @@ def ensure_text_encoder(text: ml_collections.ConfigDict, workdir: str, source: S
             writer.scalars(min(end, len(losses)), {"text_pretrain/loss": sum(window) / len(window)})
         writer.close()
         log.info("text encoder pretrained: loss %.3f -> %.3f, saved to %s", losses[0], losses[-1], folder)
-    multihost_utils.sync_global_devices("pretrained text encoder saved")
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(
-            f"{folder}: process 0 pretrained the text encoder but this process cannot see it; with "
-            "text.encoder='pretrain', multi-host runs need a workdir on a filesystem every host shares."
-        )
+    _made_by_process_0(folder / "config.json", "pretrained text encoder")
