@@ -181,9 +181,9 @@ class UNet(nn.Module):
     # frozen) encoder needs this to bind words to objects. Off for pretrained T5, as in the paper.
     text_positions: bool = False
     # Where each pixel sits, as Fourier features of its image coordinates projected and added after the
-    # stem. Convolutions and attention are blind to absolute position (only zero padding hints at it),
-    # so "left of" cannot say which side is left: such a U-Net draws the right axis with the objects in
-    # either order. Coordinates are of the whole image, so not for crop-trained stages.
+    # stem: convolutions and attention are blind to absolute position (only zero padding hints at it), so
+    # "left of" may not say which side is left. On the shapes demo they did not settle which object goes
+    # where (docs/shapes_demo.md). Coordinates are of the whole image, so not for crop-trained stages.
     image_positions: bool = False
     norm_groups: int = 32
     dropout: float = 0.0

@@ -158,8 +158,8 @@ class SentencePieceT5Tokenizer(HFTokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model read by sentencepiece itself, with its byte fallback and normalisation rules
-    (transformers' T5 tokenizers drop both): the vocabulary `train_sentencepiece` learns from captions."""
+    """A SentencePiece model read by sentencepiece itself, byte fallback included (transformers' T5
+    tokenizer maps those characters to the unknown id): the vocabulary `train_sentencepiece` learns."""
 
     def __init__(self, model_path: str | os.PathLike, max_length: int = 128):
         import sentencepiece as spm
