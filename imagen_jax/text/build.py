@@ -7,6 +7,7 @@ downward only; the keys it reads are listed in `imagen_jax.text.encoder`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,8 +46,12 @@ def learned_tokenizer_file(workdir: str | epath.PathLike) -> epath.Path:
     return epath.Path(workdir) / "tokenizer" / "spiece.model"
 
 
-def _run_file(what: str, path: epath.Path, made_by: str) -> str:
-    """`path`, a file a run writes into its workdir, as a local path; a clear error when it is missing."""
+def _run_file(what: str, workdir: str | epath.PathLike | None, path_in: Any, made_by: str) -> str:
+    """`path_in(workdir)`, a file a run writes into its workdir, as a local path; a clear error when there
+    is no workdir or no file."""
+    if workdir is None:
+        raise ConfigError(f"{what} from its workdir, and none was given; pass the run's workdir.")
+    path = path_in(workdir)
     if not path.exists():
         raise ConfigError(
             f"{what}, and {path} does not exist: train.py {made_by} before the U-Net trains; to sample, "
@@ -66,9 +71,7 @@ def build_tokenizer(text_config: Any, workdir: str | epath.PathLike | None = Non
     max_length = int(text_config.get("max_length", 128))
     if name == LEARNED_TOKENIZER:
         what = f"config.text.tokenizer={LEARNED_TOKENIZER!r} reads the vocabulary a run learned from captions"
-        if workdir is None:
-            raise ConfigError(f"{what} in its workdir, and none was given; pass the run's workdir.")
-        path = _run_file(what, learned_tokenizer_file(workdir), "learns it")
+        path = _run_file(what, workdir, learned_tokenizer_file, "learns it")
         return SentencePieceTokenizer(path, max_length)
     if not name and str(text_config.encoder) in ("random", PRETRAINED_IN_RUN):
         name = "byte"
@@ -96,10 +99,8 @@ def build_text_encoder(
         return TextEncoder(module, tokenizer, params, cfg.d_model)
     if encoder == PRETRAINED_IN_RUN:
         what = f"config.text.encoder={PRETRAINED_IN_RUN!r} loads the T5 pretrained at the start of a run"
-        if workdir is None:
-            raise ConfigError(f"{what} from its workdir, and none was given; pass the run's workdir.")
-        encoder = str(pretrained_folder(workdir))
-        _run_file(what, pretrained_folder(workdir) / "config.json", "pretrains it")
+        config_file = _run_file(what, workdir, lambda w: pretrained_folder(w) / "config.json", "pretrains it")
+        encoder = os.path.dirname(config_file)
     from imagen_jax.text.hf_loader import load_t5_encoder  # imports safetensors only when needed
 
     loaded = load_t5_encoder(
