@@ -52,6 +52,28 @@ def test_geometry_relation_and_no_overlap():
             assert o.extent / 2 <= o.cx <= 1 - o.extent / 2 and o.extent / 2 <= o.cy <= 1 - o.extent / 2
 
 
+def test_restatement_is_the_same_scene_said_the_other_way_round():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        scene = shapes.sample_scene(rng, p_two=0.7)
+        said = shapes.restatement(scene)
+        if len(scene.objects) == 1:
+            assert said == scene.objects[0].describe()
+            continue
+        a, b = scene.objects
+        # "<b> <converse relation> <a>", and that statement is true of the scene's geometry.
+        match = re.fullmatch(r"(\w+ \w+ \w+) (left of|right of|above|below) (\w+ \w+ \w+)", said)
+        assert match, said
+        assert (match[1], match[3]) == (b.describe(), a.describe())
+        converse = match[2].removesuffix(" of")
+        assert converse == shapes.CONVERSE_RELATION[scene.relation]
+        assert shapes.relation_holds(b, a, converse)
+    square = shapes.ShapeObject("red", "square", "small", 0.3, 0.2, 0.5)
+    circle = shapes.ShapeObject("blue", "circle", "small", 0.3, 0.8, 0.5)
+    said = shapes.restatement(shapes.Scene((square, circle), "left"))
+    assert said == "small blue circle right of small red square"
+
+
 def test_captions_mention_every_attribute():
     rng = np.random.default_rng(1)
     counts = {1: 0, 2: 0}

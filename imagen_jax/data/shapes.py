@@ -234,6 +234,23 @@ def caption_for(scene: Scene, rng: np.random.Generator, wording: str = "standard
     return template.format(a=scene.objects[0].describe(), rel=rel, b=scene.objects[1].describe())
 
 
+CONVERSE_RELATION: dict[str, str] = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def restatement(scene: Scene) -> str:
+    """The scene said the other way round, in one plain form whatever its caption's framing: the object
+    phrase, or the second object first with the converse relation: "a red square left of a blue circle"
+    restates as "small blue circle right of small red square". The text encoder's pretraining task
+    (`text.pretrain.restate_fraction`): to start from the second object it must tell which object each
+    word belongs to."""
+    if len(scene.objects) == 1:
+        return scene.objects[0].describe()
+    a, b = scene.objects
+    converse = CONVERSE_RELATION[str(scene.relation)]
+    word = f"{converse} of" if converse in ("left", "right") else converse
+    return f"{b.describe()} {word} {a.describe()}"
+
+
 def _coverage(obj: ShapeObject, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Inside-test of `obj` at sample points (xs [1, W], ys [H, 1] in [0, 1] coords) -> bool [H, W]."""
     h = obj.extent / 2

@@ -1,4 +1,5 @@
-"""Pretrains a small T5 encoder on captions with T5's span-corruption objective; saves it for `hf_loader`.
+"""Pretrains a small T5 encoder on captions with T5's span-corruption objective (and, optionally,
+restatements); saves it for `hf_loader`.
 
 Imagen's lesson is that a frozen text encoder *pretrained* on text carries the language; a seeded random
 T5 gives the diffusion model little more than token identities. This module gives the CPU demo's tiny T5
@@ -11,6 +12,12 @@ decoder predicts, for each span in order, its sentinel followed by the dropped t
   ids       a   s m a l l   r e d         (one token per byte with the byte tokenizer)
   inputs    a <S0> a l l   r e <S1> </s>
   targets   <S0> s m <S1> d </s>
+
+Restatement (optional, `restate_fraction`): some rows instead read the whole caption and decode another
+text the data source gives for the same content, e.g. the shapes scene said the other way round
+(`data.shapes.restatement`). T5's cross-attention has no position bias, so the decoder can find the
+caption's parts only by what the encoder writes into them: a restatement that reorders them teaches the
+encoder to mark which object each word belongs to, which span corruption of these captions never asks.
 
 Sentinel k is id vocab_size - 1 - k, counting down from the top of the vocabulary (ByT5 with 384 ids
 emits bytes as 3..258, so 259..383 are free). The decoder (causal, cross-attending to the encoder) exists
@@ -189,29 +196,49 @@ def batch_from_ids(
     noise_density: float = 0.15,
     mean_span_length: float = 3.0,
     random_roll: bool = False,
+    restatements: Sequence[np.ndarray | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Span-corrupted batch of int32 arrays (pad 0): input_ids, input_mask [B, input_length];
-    decoder_input_ids (targets shifted right, starting with pad = decoder start), target_ids,
-    target_mask [B, target_length]. Sequences longer than input_length - 1 tokens are cut."""
+    """Batch of int32 arrays (pad 0): input_ids, input_mask [B, input_length]; decoder_input_ids (targets
+    shifted right, starting with pad = decoder start), target_ids, target_mask [B, target_length];
+    restate [B] (1 on restatement rows). Row i is span-corrupted, or, where restatements[i] is given, the
+    restatement task (`restatement_pair`). Sequences longer than input_length - 1 tokens are cut."""
     need = max_target_length(input_length, noise_density, mean_span_length, random_roll)
     if target_length < need:
         raise ConfigError(f"target_length={target_length} is too short for input_length={input_length}: "
                           f"targets need up to {need} tokens.")
+    restatements = restatements if restatements is not None else [None] * len(sequences)
     batch = {
         "input_ids": np.zeros((len(sequences), input_length), np.int32),
         "target_ids": np.zeros((len(sequences), target_length), np.int32),
+        "restate": np.array([r is not None for r in restatements], np.int32),
     }
-    for row, ids in enumerate(sequences):
-        inputs, targets = span_corruption(
-            np.asarray(ids)[: input_length - 1], rng, noise_density=noise_density,
-            mean_span_length=mean_span_length, vocab_size=vocab_size, random_roll=random_roll,
-        )
+    for row, (ids, restated) in enumerate(zip(sequences, restatements, strict=True)):
+        if restated is None:
+            inputs, targets = span_corruption(
+                np.asarray(ids)[: input_length - 1], rng, noise_density=noise_density,
+                mean_span_length=mean_span_length, vocab_size=vocab_size, random_roll=random_roll,
+            )
+        else:
+            inputs, targets = restatement_pair(ids, restated, input_length=input_length)
+            if targets.size > target_length:
+                raise ConfigError(f"a restatement of {targets.size} tokens (EOS included) does not fit "
+                                  f"target_length={target_length}.")
         batch["input_ids"][row, : inputs.size] = inputs
         batch["target_ids"][row, : targets.size] = targets
     batch["input_mask"] = (batch["input_ids"] != PAD_ID).astype(np.int32)
     batch["target_mask"] = (batch["target_ids"] != PAD_ID).astype(np.int32)
     batch["decoder_input_ids"] = np.pad(batch["target_ids"][:, :-1], ((0, 0), (1, 0)), constant_values=PAD_ID)
     return batch
+
+
+def restatement_pair(
+    ids: np.ndarray, target: np.ndarray, *, input_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) int32 of the restatement task: the whole caption in (cut to input_length - 1
+    tokens), its restatement out, each ending with EOS."""
+    eos = np.array([EOS_ID], np.int32)
+    inputs = np.concatenate([np.asarray(ids)[: input_length - 1], eos]).astype(np.int32)
+    return inputs, np.concatenate([np.asarray(target), eos]).astype(np.int32)
 
 
 def make_batch(
@@ -243,7 +270,8 @@ def make_batch(
 
 def make_train_step(model: T5EncoderDecoder, optimizer: optax.GradientTransformation):
     """Pure `(state, batch) -> (state, metrics)` with state = (params, opt_state); the caller jits it.
-    Loss: cross-entropy averaged over real target tokens; accuracy: argmax matches, same average."""
+    Loss: cross-entropy averaged over real target tokens; accuracy: argmax matches, same average;
+    restate_exact: the share of restatement rows with every target token right."""
 
     def loss_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = model.apply(
@@ -253,8 +281,13 @@ def make_train_step(model: T5EncoderDecoder, optimizer: optax.GradientTransforma
         count = jnp.maximum(weights.sum(), 1.0)
         xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])
         loss = (xent * weights).sum() / count
-        accuracy = ((jnp.argmax(logits, -1) == batch["target_ids"]) * weights).sum() / count
-        return loss, {"loss": loss, "accuracy": accuracy}
+        right = jnp.argmax(logits, -1) == batch["target_ids"]
+        accuracy = (right * weights).sum() / count
+        # Restatement rows: the share whose every target token is right (greedy under teacher forcing).
+        exact = jnp.all(right | (weights == 0), axis=-1)
+        restate = batch["restate"].astype(jnp.float32)
+        restate_exact = (exact * restate).sum() / jnp.maximum(restate.sum(), 1.0)
+        return loss, {"loss": loss, "accuracy": accuracy, "restate_exact": restate_exact}
 
     def train_step(state: tuple[Any, Any], batch: dict[str, jax.Array]):
         params, opt_state = state
@@ -296,9 +329,17 @@ def pretrain_t5(
     weight_decay: float = 0.01,
     log_every: int = 100,
     time_budget_s: float = 0,
+    restatements: Sequence[str] | None = None,
+    restate_fraction: float = 0.0,
 ) -> tuple[Any, list[float]]:
     """Span-corruption pretraining of a T5 encoder-decoder on `captions`; returns (encoder params: the
     T5Encoder tree, unboxed float32, usable with `T5Encoder` / `save_encoder`; loss per step).
+
+    restatements (one per caption) and restate_fraction > 0: each batch row is, with that probability,
+    the restatement task instead: the whole caption in, its restatement out. Cross-attention has no
+    position bias, so the decoder finds what to say next only by what the encoder's outputs hold: a
+    restatement that reorders the caption's parts (e.g. the objects of a scene in their order in the
+    image) makes the encoder write each part's role into its tokens.
 
     Inputs are tokenizer.max_length long (the length the encoder later serves). AdamW with linear warmup
     (default num_steps // 10 steps) and cosine decay to 0.1 x learning_rate, gradients clipped to global
@@ -310,11 +351,21 @@ def pretrain_t5(
     if num_steps < 1 or batch_size < 1:
         raise ConfigError(f"num_steps ({num_steps}) and batch_size ({batch_size}) must be positive.")
     check_tokenizer_vocab(tokenizer, t5_config)
-    corpus = [ids for ids in tokenize_captions(captions, tokenizer) if ids.size]
-    if not corpus:
+    if not 0.0 <= restate_fraction <= 1.0:
+        raise ConfigError(f"restate_fraction must be in [0, 1], got {restate_fraction}.")
+    if restate_fraction > 0 and (restatements is None or len(restatements) != len(captions)):
+        raise ConfigError(f"restate_fraction={restate_fraction} needs one restatement per caption "
+                          f"({len(captions)}), got {None if restatements is None else len(restatements)}.")
+    caption_ids = tokenize_captions(captions, tokenizer)
+    restated_ids = tokenize_captions(restatements, tokenizer) if restate_fraction > 0 else caption_ids
+    pairs = [(ids, out) for ids, out in zip(caption_ids, restated_ids, strict=True) if ids.size]
+    if not pairs:
         raise ValueError(f"no caption among {len(captions)} has any token; nothing to pretrain on.")
+    corpus = [ids for ids, _ in pairs]
     input_length = tokenizer.max_length
     target_length = max_target_length(input_length, noise_density, mean_span_length, random_roll)
+    if restate_fraction > 0:
+        target_length = max(target_length, 1 + max(out.size for _, out in pairs))
     most_spans = max_spans(input_length, noise_density, mean_span_length, random_roll)
     largest_id = max(int(ids.max()) for ids in corpus)
     if largest_id >= t5_config.vocab_size - most_spans:
@@ -352,10 +403,15 @@ def pretrain_t5(
     logged_step = 0  # metrics of steps after this one are not reported yet
     clock_step, clock_time = 0, started  # throughput window; restarts after step 1 (mostly compilation)
     for step in range(1, num_steps + 1):
+        rows = next(batches)
+        restate = np.zeros(rows.size, bool)
+        if restate_fraction > 0:  # drawn only then: span-corruption-only runs keep their random stream
+            restate = np_rng.random(rows.size) < restate_fraction
         batch = batch_from_ids(
-            [corpus[i] for i in next(batches)], np_rng, input_length=input_length,
+            [corpus[i] for i in rows], np_rng, input_length=input_length,
             target_length=target_length, vocab_size=t5_config.vocab_size, noise_density=noise_density,
             mean_span_length=mean_span_length, random_roll=random_roll,
+            restatements=[pairs[i][1] if r else None for i, r in zip(rows, restate, strict=True)],
         )
         state, metrics = step_fn(state, batch)
         metrics_history.append(metrics)
@@ -369,14 +425,16 @@ def pretrain_t5(
             window = jax.device_get(metrics_history[logged_step:step])
             loss = float(np.mean([m["loss"] for m in window]))
             accuracy = float(np.mean([m["accuracy"] for m in window]))
+            restated = (f", restatements exact {np.mean([m['restate_exact'] for m in window]):.3f}"
+                        if restate_fraction > 0 else "")
             if not np.isfinite(loss):
                 raise RuntimeError(f"T5 pretraining loss is {loss} in steps {logged_step + 1}..{step}; "
                                    "lower learning_rate.")
             now = time.perf_counter()
             rate = (step - clock_step) / max(now - clock_time, 1e-9)
             eta = f"{(num_steps - step) / rate:.0f} s" if rate > 0 else "?"
-            log.info("pretrain T5 step %d/%d [%.0f%%], loss %.4g, accuracy %.3f, %.2f steps/s, ETA %s",
-                     step, num_steps, 100.0 * step / num_steps, loss, accuracy, rate, eta)
+            log.info("pretrain T5 step %d/%d [%.0f%%], loss %.4g, accuracy %.3f%s, %.2f steps/s, ETA %s",
+                     step, num_steps, 100.0 * step / num_steps, loss, accuracy, restated, rate, eta)
             logged_step, clock_step, clock_time = step, step, now
         if out_of_time:
             log.info("pretrain T5: time budget of %.0f s reached; stopped after %d of %d steps.",

@@ -76,7 +76,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not 0.0 <= p_two <= 1.0:
             raise ConfigError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
     _check_mesh(config)
-    _check_text_pretraining(config.text)
+    _check_text_pretraining(config.text, config.data.name)
     _check_learned_tokenizer(config.text)
     if t.sample_every and not _is_tuple_of(t.sample_prompts, str, nonempty=True):
         raise ConfigError(
@@ -104,7 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_text_pretraining(text: ml_collections.ConfigDict) -> None:
+def _check_text_pretraining(text: ml_collections.ConfigDict, data_name: str) -> None:
     if text.encoder != PRETRAINED_IN_RUN:
         return
     if text.train_jointly:
@@ -122,6 +122,14 @@ def _check_text_pretraining(text: ml_collections.ConfigDict) -> None:
         pretrain.check_noise_args(pt.noise_density, pt.mean_span_length)
     except ConfigError as e:
         raise ConfigError(f"config.text.pretrain: {e}") from None
+    if not 0.0 <= pt.restate_fraction <= 1.0:
+        raise ConfigError(f"config.text.pretrain.restate_fraction={pt.restate_fraction} must be in [0, 1].")
+    if pt.restate_fraction > 0 and data_name != "shapes":
+        raise ConfigError(
+            f"config.text.pretrain.restate_fraction={pt.restate_fraction} restates each training scene, "
+            f"which only the shapes dataset records (data.name={data_name!r}): set "
+            "--config.text.pretrain.restate_fraction=0."
+        )
 
 
 def _check_learned_tokenizer(text: ml_collections.ConfigDict) -> None:

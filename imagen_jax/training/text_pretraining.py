@@ -27,7 +27,9 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from imagen_jax.data import shapes
 from imagen_jax.data.pipeline import as_str
+from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import distributed
 from imagen_jax.text import pretrain
 from imagen_jax.text.build import (
@@ -50,11 +52,31 @@ _CURVE_EVERY = 10  # steps per TensorBoard point of the pretraining loss
 def prepare_run_text(text: ml_collections.ConfigDict, workdir: str, source: Sequence[dict]) -> None:
     """Learns the run's vocabulary, then pretrains its T5, on the captions of the training `source`, each
     only where `text` asks for it and the workdir does not have it yet."""
-    captions = functools.cache(lambda: [as_str(source[i]["caption"]) for i in range(len(source))])
+    restating = text.encoder == PRETRAINED_IN_RUN and text.pretrain.restate_fraction > 0
+    # One pass over the source reads what either step needs (the scenes too for restatements).
+    keys = ("caption", "scene") if restating else ("caption",)
+    columns = functools.cache(lambda: _read_columns(source, keys))
+    captions = lambda: columns()["caption"]  # noqa: E731
     if text.tokenizer == LEARNED_TOKENIZER:
         _ensure_tokenizer(text.learned_tokenizer, workdir, captions)
     if text.encoder == PRETRAINED_IN_RUN:
-        _ensure_text_encoder(text, workdir, captions)
+        restatements = (lambda: [shapes.restatement(shapes.Scene.from_json(s)) for s in columns()["scene"]])
+        _ensure_text_encoder(text, workdir, captions, restatements if restating else None)
+
+
+def _read_columns(source: Sequence[dict], keys: tuple[str, ...]) -> dict[str, list[str]]:
+    columns: dict[str, list[str]] = {key: [] for key in keys}
+    for index in range(len(source)):
+        record = source[index]
+        for key in keys:
+            if key not in record:
+                raise ConfigError(
+                    "config.text.pretrain.restate_fraction > 0 restates each training scene, but this "
+                    f"dataset's records have no {key!r} (only {sorted(record)}): it needs "
+                    "data.name='shapes', or set --config.text.pretrain.restate_fraction=0."
+                )
+            columns[key].append(as_str(record[key]))
+    return columns
 
 
 def _missing(path: epath.Path) -> bool:
@@ -100,7 +122,10 @@ def _ensure_tokenizer(
 
 
 def _ensure_text_encoder(
-    text: ml_collections.ConfigDict, workdir: str, captions: Callable[[], list[str]]
+    text: ml_collections.ConfigDict,
+    workdir: str,
+    captions: Callable[[], list[str]],
+    restatements: Callable[[], list[str]] | None,
 ) -> None:
     folder = pretrained_folder(workdir)
     if not _missing(folder / "config.json"):
@@ -111,7 +136,7 @@ def _ensure_text_encoder(
         t5_config = t5_config_from_dict(text.t5)
         log.info(
             "pretraining the text encoder (T5 %d layers, d_model %d) on %d captions: %d steps of %d, span "
-            "corruption %.0f%% of tokens in spans of %.1f",
+            "corruption %.0f%% of tokens in spans of %.1f, restating %.0f%% of captions",
             t5_config.num_layers,
             t5_config.d_model,
             len(captions()),
@@ -119,6 +144,7 @@ def _ensure_text_encoder(
             pt.batch_size,
             100 * pt.noise_density,
             pt.mean_span_length,
+            100 * pt.restate_fraction,
         )
         params, losses = pretrain.pretrain_t5(
             t5_config,
@@ -133,6 +159,8 @@ def _ensure_text_encoder(
             decoder_layers=pt.decoder_layers or None,
             log_every=pt.log_every,
             time_budget_s=60.0 * pt.time_budget_minutes,
+            restatements=restatements() if restatements else None,
+            restate_fraction=pt.restate_fraction,
         )
         pretrain.save_encoder(folder, t5_config, params)
         (folder / LOSSES_FILE).write_text(json.dumps({"loss": [float(x) for x in losses]}))
