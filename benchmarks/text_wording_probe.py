@@ -30,17 +30,23 @@ from imagen_jax.stage.build import load_stage
 from imagen_jax.text.build import build_text_encoder
 from imagen_jax.text.encoder import TextEncoder
 
+_ROLE_WORDS = ("size", "colour", "shape")
+
+
+def _word_tokens(encoder: TextEncoder, caption: str, start: int, word: str) -> slice:
+    """The token positions of the first `word` at or after character `start` of `caption`: those the
+    caption's prefix gains when the word is added."""
+    count = lambda text: int(encoder.tokenizer([text])["text_mask"][0].sum()) - 1  # noqa: E731 (EOS aside)
+    at = caption.index(word, start)
+    return slice(count(caption[:at].rstrip()), count(caption[: at + len(word)]))
+
 
 def colour_embeddings(encoder: TextEncoder, framings: tuple[str, ...]) -> dict[tuple[str, str], np.ndarray]:
     out = {}
     for framing, colour in itertools.product(framings, shapes.COLOURS):
         caption = framing.format(a=f"small {colour} square")
-        end = caption.index(colour) + len(colour)
-        # The colour word's tokens: those the caption's prefix gains when the colour is added (EOS aside).
-        count = lambda text: int(encoder.tokenizer([text])["text_mask"][0].sum()) - 1  # noqa: E731
-        start, stop = count(caption[: end - len(colour)].rstrip()), count(caption[:end])
         emb, _ = encoder.encode([caption])
-        out[(framing, colour)] = np.asarray(emb[0])[start:stop].mean(0)
+        out[(framing, colour)] = np.asarray(emb[0])[_word_tokens(encoder, caption, 0, colour)].mean(0)
     return out
 
 
@@ -60,16 +66,6 @@ def probe(encoder: TextEncoder) -> dict[str, float]:
         "different_colours_same_framing_cos": float(np.mean(diff)),
         "heldout_nearest_centroid_accuracy": float(np.mean(hits)),
     }
-
-
-_ROLE_WORDS = ("size", "colour", "shape")
-
-
-def _word_tokens(encoder: TextEncoder, caption: str, start: int, word: str) -> slice:
-    """The token positions of the first `word` at or after character `start` of `caption`."""
-    count = lambda text: int(encoder.tokenizer([text])["text_mask"][0].sum()) - 1  # noqa: E731 (EOS aside)
-    at = caption.index(word, start)
-    return slice(count(caption[:at].rstrip()), count(caption[: at + len(word)]))
 
 
 def _probe_accuracy(features: np.ndarray, labels: np.ndarray, train_share: float = 0.7) -> float:

@@ -68,6 +68,12 @@ def check_noise_args(noise_density: float, mean_span_length: float) -> None:
         raise ConfigError(f"mean_span_length must be >= 1, got {mean_span_length}.")
 
 
+def check_restate_fraction(restate_fraction: float) -> None:
+    """ConfigError unless 0 <= restate_fraction <= 1."""
+    if not 0.0 <= restate_fraction <= 1.0:
+        raise ConfigError(f"restate_fraction={restate_fraction} must be in [0, 1].")
+
+
 def _span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
     """(noise tokens, noise spans) for a sequence of `length` tokens; (0, 0) when length < 2."""
     if length < 2:  # no room for both a kept and a dropped token (T5 leaves such sequences intact)
@@ -351,8 +357,7 @@ def pretrain_t5(
     if num_steps < 1 or batch_size < 1:
         raise ConfigError(f"num_steps ({num_steps}) and batch_size ({batch_size}) must be positive.")
     check_tokenizer_vocab(tokenizer, t5_config)
-    if not 0.0 <= restate_fraction <= 1.0:
-        raise ConfigError(f"restate_fraction must be in [0, 1], got {restate_fraction}.")
+    check_restate_fraction(restate_fraction)
     if restate_fraction > 0 and (restatements is None or len(restatements) != len(captions)):
         raise ConfigError(f"restate_fraction={restate_fraction} needs one restatement per caption "
                           f"({len(captions)}), got {None if restatements is None else len(restatements)}.")

@@ -120,10 +120,9 @@ def _check_text_pretraining(text: ml_collections.ConfigDict, data_name: str) -> 
     _positive(pt.time_budget_minutes, "text.pretrain.time_budget_minutes", allow_zero=True)
     try:
         pretrain.check_noise_args(pt.noise_density, pt.mean_span_length)
+        pretrain.check_restate_fraction(pt.restate_fraction)
     except ConfigError as e:
         raise ConfigError(f"config.text.pretrain: {e}") from None
-    if not 0.0 <= pt.restate_fraction <= 1.0:
-        raise ConfigError(f"config.text.pretrain.restate_fraction={pt.restate_fraction} must be in [0, 1].")
     if pt.restate_fraction > 0 and data_name != "shapes":
         raise ConfigError(
             f"config.text.pretrain.restate_fraction={pt.restate_fraction} restates each training scene, "
