@@ -201,6 +201,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Plain v-MSE: min-SNR-5 down-weights low-noise levels and left visible speckle in 30-minute runs.
     c.diffusion.loss_weighting = "none"
     c.diffusion.min_snr_gamma = 5.0
+    # Training noise levels: log-SNR of uniformly drawn times plus this shift (< 0: more training at high
+    # noise; sampling keeps the schedule). 0 = the schedule's own levels.
+    c.diffusion.train_logsnr_shift = 0.0
     c.diffusion.caption_dropout = 0.1
     # Super-resolution stages: noise-conditioning augmentation levels (times on this schedule) drawn
     # uniformly per training example, so the stage learns to repair a previous stage's artefacts rather

@@ -21,6 +21,7 @@ from imagen_jax.diffusion import (
     guided_model,
     loss_weight,
     prediction_to_x_eps,
+    shift_logsnr,
     target,
     threshold_x0,
     v_from_x_eps,
@@ -94,6 +95,22 @@ def test_get_schedule_errors_and_hashable():
     with pytest.raises(ValueError, match="logsnr_min < logsnr_max"):
         get_schedule("cosine", logsnr_min=3.0, logsnr_max=-3.0)
     assert hash(get_schedule("cosine")) == hash(Schedule("cosine", -20.0, 20.0))
+
+
+def test_training_logsnr_shift_moves_levels_and_stays_in_range():
+    schedule = get_schedule("cosine", logsnr_min=-20.0, logsnr_max=20.0)
+    logsnr = schedule.logsnr(jnp.linspace(0.0, 1.0, 101))
+    assert shift_logsnr(logsnr, 0.0, schedule) is logsnr
+    shifted = shift_logsnr(logsnr, -2.0 * math.log(3.0), schedule)  # the SNR over 9
+    inside = logsnr - 2.0 * math.log(3.0) > -20.0
+    np.testing.assert_allclose(shifted[inside], logsnr[inside] - 2.0 * math.log(3.0), rtol=1e-6)
+    np.testing.assert_array_equal(shifted[~inside], -20.0)  # the noisiest levels clip at logsnr_min
+    assert int((~inside).sum()) == 1  # only t=1 leaves the range
+    # A uniform draw of t now lands below log-SNR -5 (where the demo lays out its scene) ~3x as often.
+    t = jnp.linspace(0.0, 1.0, 10_001)
+    before = float(jnp.mean(schedule.logsnr(t) < -5.0))
+    after = float(jnp.mean(shift_logsnr(schedule.logsnr(t), -2.0 * math.log(3.0), schedule) < -5.0))
+    assert 0.04 < before < 0.06 and 2.5 < after / before < 3.5, (before, after)
 
 
 def test_diffuse_broadcasts_per_example():

@@ -164,6 +164,7 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         ("model.attention_impl", "flash", "model.attention_impl='flash' is not one of"),
         ("model.attention_impl", "cudnn", "attention_impl='cudnn' needs an NVIDIA GPU"),  # CPU tests
         ("text.encoder", "pretrain", "pretrains the T5 and then freezes it: set config.text.train_jointly"),
+        ("diffusion.train_logsnr_shift", -40.0, "train_logsnr_shift=-40.0 would put every training level"),
     ],
 )
 def test_bad_config_values_are_named(key, value, message):

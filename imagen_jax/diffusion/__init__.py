@@ -35,6 +35,7 @@ from imagen_jax.diffusion.schedules import (
     diffuse,
     expand_to,
     get_schedule,
+    shift_logsnr,
 )
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "make_denoise_fn",
     "prediction_to_x_eps",
     "sample",
+    "shift_logsnr",
     "target",
     "threshold_x0",
     "v_from_x_eps",

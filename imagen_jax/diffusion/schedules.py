@@ -94,6 +94,19 @@ def get_schedule(name: str, *, logsnr_min: float = -20.0, logsnr_max: float = 20
     return Schedule(name=name, logsnr_min=float(logsnr_min), logsnr_max=float(logsnr_max))
 
 
+def shift_logsnr(logsnr: jax.Array, shift: float, schedule: Schedule) -> jax.Array:
+    """`logsnr` moved by `shift` (log-SNR units: the SNR times exp(shift)), clipped to the schedule's range.
+
+    For training times only: drawing t uniformly and shifting its log-SNR down spends more of training at
+    high noise, where a text-to-image model decides the layout, while sampling keeps the schedule (the
+    model is conditioned on log-SNR, so it is the same function at every level). The shifted noise
+    schedules of Hoogeboom et al. (simple diffusion) and SD3's time shift move the noise level this way.
+    """
+    if shift == 0:
+        return logsnr
+    return jnp.clip(logsnr + shift, schedule.logsnr_min, schedule.logsnr_max)
+
+
 def alpha_sigma(logsnr: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(alpha, sigma) for a log-SNR; sigmoid keeps both accurate at extreme log-SNR."""
     return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))

@@ -42,6 +42,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.diffusion.logsnr_min ({d.logsnr_min}) must be < logsnr_max ({d.logsnr_max})."
         )
+    span = d.logsnr_max - d.logsnr_min
+    if not abs(d.train_logsnr_shift) < span:
+        raise ConfigError(
+            f"config.diffusion.train_logsnr_shift={d.train_logsnr_shift} would put every training level at "
+            f"one end of [logsnr_min, logsnr_max]: use a shift of magnitude below {span:g} (e.g. -2)."
+        )
     levels = tuple(d.noise_aug_range) if _is_tuple_of(d.noise_aug_range, (int, float)) else ()
     if len(levels) != 2 or not 0.0 <= levels[0] <= levels[1] <= 1.0:
         raise ConfigError(

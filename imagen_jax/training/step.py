@@ -90,7 +90,8 @@ def make_train_step(
     joint_text: bool,
     grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """`diffusion` is `config.diffusion` (objective, loss weighting, caption dropout, noise_aug_range);
+    """`diffusion` is `config.diffusion` (objective, loss weighting, training log-SNR shift, caption
+    dropout, noise_aug_range);
     `lr_fn` only feeds the logged learning rate; `joint_text`: the text encoder's weights are in
     `params["text"]` and train, else they come frozen in the step's third argument.
     `grad_accum_steps` > 1 splits the batch into that many micro-batches run one after another inside
@@ -107,7 +108,7 @@ def make_train_step(
         b = x.shape[0]
         # Low-discrepancy times (one uniform offset, evenly spaced): lower-variance loss, as in VDM.
         t = jnp.mod(jax.random.uniform(k_t) + jnp.arange(b, dtype=jnp.float32) / b, 1.0)
-        logsnr = schedule.logsnr(t)
+        logsnr = schedules.shift_logsnr(schedule.logsnr(t), diff.train_logsnr_shift, schedule)
         eps = jax.random.normal(k_eps, x.shape, x.dtype)
         z = schedules.diffuse(x, eps, logsnr)
         sr_inputs = {}
