@@ -8,8 +8,9 @@ With NUM_PROCESSES > 1 the process joins the run through `jax.distributed.initia
 tiny model with FSDP (data=2 x fsdp=4 over all devices) and writes OUT_JSON: the scenes of every host batch
 it read (by step), the losses it logged, the digests of the parameters it restored and of each checkpoint
 it saved, and the step it stopped at.
-MODE: "run"; "kill_at_step:K" (after checkpoint 3 is written, SIGKILL this process while step K's batch is
-fetched); "term_at_step:K" (SIGTERM to the last process only, while step K's batch is fetched).
+MODE: "run"; "kill_at_step:K" (after checkpoint 3 is written, while step K's batch is fetched: write OUT_JSON
+and OUT_JSON.ready, then wait for the test to SIGKILL every process at once); "term_at_step:K" (SIGTERM to
+the last process only, while step K's batch is fetched).
 """
 
 import json
@@ -68,7 +69,11 @@ def main(
             os.kill(os.getpid(), signal.SIGTERM)
         if calls[0] > 1 and step == at and kind == "kill_at_step":
             _dump(record, out)
-            os.kill(os.getpid(), signal.SIGKILL)
+            # Park here for the test to kill every process together: a process killing itself can take
+            # down the coordinator while the other is still between steps, and that one then aborts
+            # (SIGABRT from the distributed client) instead of being killed where the test says.
+            open(out + ".ready", "w").close()
+            signal.pause()
         return real_batch(local, *args)
 
     loop.global_batch = recording_batch

@@ -6,9 +6,11 @@ host's input stream where it stopped, and stop together when one of them gets SI
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -44,6 +46,16 @@ def _run(root, name, mode, processes=2, num_steps=NUM_STEPS, timeout=600):
         log = open(root / f"{out.name}.log", "w")  # noqa: SIM115 - closed below
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=_env(8 // processes), stdout=log, stderr=log), log))
         outs.append(out)
+    if mode.startswith("kill_at_step"):
+        # Each driver parks at the kill point once its record is written; kill all of them together.
+        ready = [pathlib.Path(f"{out}.ready") for out in outs]
+        deadline = time.monotonic() + timeout
+        while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc, _ in procs):
+                break  # one died before the kill point: its code and log say why
+            time.sleep(0.1)
+        for proc, _ in procs:
+            proc.send_signal(signal.SIGKILL)
     codes = []
     for proc, log in procs:
         try:
@@ -67,7 +79,8 @@ def single(tmp_path_factory):
 
 def test_two_processes_train_like_one_and_resume_each_hosts_stream_after_both_are_killed(single):
     root, one = single
-    # Both processes are killed (SIGKILL) while fetching step 5's batch, after checkpoint 3 is written.
+    # Both processes are killed together (SIGKILL) while fetching step 5's batch, after checkpoint 3 is
+    # written.
     codes, killed, tails = _run(root, "two", "kill_at_step:5")
     assert codes == [-9, -9], tails
     # Rerunning both resumes from checkpoint 3 and trains to the end.
