@@ -202,7 +202,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.loss_weighting = "none"
     c.diffusion.min_snr_gamma = 5.0
     # Training noise levels: log-SNR of uniformly drawn times plus this shift (< 0: more training at high
-    # noise; sampling keeps the schedule). 0 = the schedule's own levels.
+    # noise; sampling keeps the schedule). 0 = the schedule's own levels: more training where the demo's
+    # layout is decided did not teach which object goes where, and cost detail (docs/shapes_demo.md).
     c.diffusion.train_logsnr_shift = 0.0
     c.diffusion.caption_dropout = 0.1
     # Super-resolution stages: noise-conditioning augmentation levels (times on this schedule) drawn
