@@ -9,9 +9,10 @@ dynamic thresholding):
   Each pixel is assigned softly to the nearest palette colour; the caption's first object is on its side
   of the second when its colour's centroid is, along the relation's axis. Chance 50%.
 - From a given layout (SDEdit): the true image, and the image with the two objects' places exchanged,
-  noised to t_start and sampled from there with ancestral (DDPM) steps of the config's grid; scored by
-  the shapes scorer. Where the result follows the given layout, not the caption, the model has not
-  yet taken its decision by t_start.
+  noised to t_start and sampled from there (`samplers.sample(..., t_start=)`: the config's number of
+  ancestral (DDPM) steps and time grid, scaled into [0, t_start]); scored by the shapes scorer. Where
+  the result follows the given layout, not the caption, the model has not yet taken its decision by
+  t_start.
 
 A model that binds its words puts the first object on the right side in its predictions from pure noise,
 and from an exchanged layout at high t_start moves the objects back. Seconds to a few minutes on CPU.
@@ -100,21 +101,13 @@ def probe(stage: Stage, num: int, times: Sequence[float], starts: Sequence[float
 
     @jax.jit
     def sdedit(x: jax.Array, t_start: jax.Array, key: jax.Array) -> jax.Array:
-        denoise = _denoiser(stage, emb, mask)
-        grid = jnp.minimum(jnp.linspace(1.0, 0.0, steps + 1), t_start)  # the config's grid below t_start
         k0, key = jax.random.split(key)
-        start = jnp.full((x.shape[0],), schedule.logsnr(t_start))
-        z = schedules.diffuse(x, jax.random.normal(k0, x.shape), start)
-
-        def body(i: int, z: jax.Array) -> jax.Array:
-            lt, ls = schedule.logsnr(grid[i]), schedule.logsnr(grid[i + 1])
-            x0 = denoise(z, jnp.full((z.shape[0],), lt))[0]
-            noise = jax.random.normal(jax.random.fold_in(key, i), z.shape)
-            stepped = samplers.ddpm_step(z, x0, logsnr_t=lt, logsnr_s=ls, noise=noise)
-            return jnp.where(grid[i] > grid[i + 1], stepped, z)  # steps above t_start are skipped
-
-        z = jax.lax.fori_loop(0, steps, body, z)
-        return denoise(z, jnp.full((z.shape[0],), schedule.logsnr(0.0)))[0]
+        logsnr = jnp.full((x.shape[0],), schedule.logsnr(t_start))
+        z = schedules.diffuse(x, jax.random.normal(k0, x.shape), logsnr)
+        return samplers.sample(
+            _denoiser(stage, emb, mask), shape=x.shape, rng=key, schedule=schedule, sampler="ddpm",
+            num_steps=steps, time_grid=stage.config.sample.time_grid, z_init=z, t_start=t_start,
+        )
 
     result: dict = {"step": stage.step, "scenes": num, "from_noise": {}, "from_layout": {}}
     for t in times:

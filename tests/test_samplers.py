@@ -176,6 +176,32 @@ def test_determinism_and_single_compile(sampler):
     assert not np.allclose(a, c)
 
 
+@pytest.mark.parametrize(
+    "sampler,num_steps,time_grid", [("ddpm", 500, "uniform"), ("dpmpp2m_sde", 25, "quadratic")]
+)
+def test_sampling_from_t_start_keeps_the_data_distribution(sampler, num_steps, time_grid):
+    # SDEdit: data diffused to t_start is the schedule's marginal there, so integrating from t_start with
+    # the exact denoiser gives the data distribution back. Each result is a posterior draw given its z, so
+    # its correlation with the data point it started from is corr(x, z)^2 = a^2 s^2 / (a^2 s^2 + sigma^2).
+    n, t_start, schedule = 20000, 0.3, get_schedule("cosine")
+    logsnr = schedule.logsnr(t_start)
+    kx, ke = jax.random.split(jax.random.key(3))
+    x = MU + STD * jax.random.normal(kx, (n,))
+    z = diffuse(x, jax.random.normal(ke, (n,)), jnp.full((n,), logsnr))
+    run = _jit_sample(
+        gaussian_denoiser, shape=(n,), schedule=schedule, sampler=sampler, num_steps=num_steps,
+        time_grid=time_grid,
+    )
+    out = np.asarray(run(rng=jax.random.key(4), z_init=z, t_start=t_start), np.float64)
+    assert abs(out.mean() / MU - 1) < 0.03 and abs(out.std() / STD - 1) < 0.03, (out.mean(), out.std())
+    alpha, sigma = (float(v) for v in alpha_sigma(logsnr))
+    expected = alpha**2 * STD**2 / (alpha**2 * STD**2 + sigma**2)  # 0.26 here
+    assert abs(np.corrcoef(out, np.asarray(x))[0, 1] - expected) < 0.03
+    # From t=1 the same z is only noise: the data points are forgotten.
+    whole = np.asarray(run(rng=jax.random.key(4), z_init=z), np.float64)
+    assert abs(np.corrcoef(whole, np.asarray(x))[0, 1]) < 0.05
+
+
 def test_z_init_and_bfloat16():
     z_init = jnp.full((4,), 0.25)
     kw = dict(shape=(4,), schedule=get_schedule("cosine"), sampler="ddim", num_steps=8, z_init=z_init)

@@ -152,13 +152,15 @@ def sample(
     z_init: jax.Array | None = None,
     dtype: Any = jnp.float32,
     time_grid: str = "uniform",
+    t_start: float | jax.Array = 1.0,
 ) -> jax.Array:
-    """Draw samples x0 of `shape` (batch first) by integrating from t=1 to t=0 in `num_steps` steps.
+    """Draw samples x0 of `shape` (batch first) by integrating from t=t_start to t=0 in `num_steps` steps.
 
     denoise_fn(z, logsnr[B]) -> (x0_hat, eps_hat); see `make_denoise_fn`. Uses num_steps + 1 denoiser calls
     (the last turns z_0 into x0_hat). `eta` is used by "ddim" only. Jittable with shape, schedule, sampler,
     num_steps and time_grid static; deterministic given rng. z and the model input are kept in `dtype`;
-    the update arithmetic is float32.
+    the update arithmetic is float32. t_start < 1 with z_init an image diffused to t_start (`diffuse`) is
+    SDEdit: the time grid is scaled into [0, t_start], so every step is spent below it.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -175,7 +177,7 @@ def sample(
 
     def logsnr_at(j):  # log-SNR at grid point t_j, j = N..0
         u = jnp.maximum(j, 0) / num_steps  # clamped: iteration N asks for t_{-1}, see below
-        return schedule.logsnr(u if time_grid == "uniform" else jnp.square(u))
+        return schedule.logsnr(t_start * (u if time_grid == "uniform" else jnp.square(u)))
 
     def body(i, carry):
         z, x0_prev, logsnr_prev = carry
