@@ -34,7 +34,7 @@ from imagen_jax.diffusion import samplers, schedules
 from imagen_jax.evaluation.shapes_scorer import score_batch
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import to_uint8
-from imagen_jax.stage.sampling import encode_prompts
+from imagen_jax.stage.sampling import encode_prompts, guided_denoiser
 
 # Palette and background in the model's range [-1, 1]; the background is the last entry.
 _PALETTE = np.array([*(shapes.PALETTE[c] for c in shapes.COLOURS), shapes.BACKGROUND], np.float32) / 127.5 - 1
@@ -72,18 +72,9 @@ def exchange_places(scene: shapes.Scene) -> shapes.Scene:
 
 def _denoiser(stage: Stage, emb: jax.Array, mask: jax.Array) -> samplers.DenoiseFn:
     s = stage.config.sample
-
-    def model_fn(z: jax.Array, logsnr: jax.Array, c: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return stage.unet.apply({"params": stage.params["unet"]}, z, logsnr, *c)
-
-    return samplers.make_denoise_fn(
-        model_fn,
-        objective=stage.config.diffusion.objective,
-        cond=(emb, mask),
-        uncond=(jnp.zeros_like(emb), jnp.zeros_like(mask)),
-        guidance_weight=float(s.guidance),
-        threshold=s.threshold,
-        percentile=s.percentile,
+    return guided_denoiser(
+        stage.unet, stage.params["unet"], emb, mask, objective=stage.config.diffusion.objective,
+        guidance=float(s.guidance), threshold=s.threshold, percentile=s.percentile,
     )
 
 

@@ -56,6 +56,40 @@ def sample_program(options: Any) -> Any:
 _encode = jax.jit(encode_tokens, static_argnums=0)
 
 
+def guided_denoiser(
+    unet: UNet,
+    unet_params: Any,
+    text_emb: jax.Array,
+    text_mask: jax.Array,
+    *,
+    objective: str,
+    guidance: float | jax.Array,
+    threshold: str,
+    percentile: float,
+    lowres: jax.Array | None = None,
+    aug_logsnr: jax.Array | None = None,
+) -> samplers.DenoiseFn:
+    """The classifier-free guided denoiser the samplers call: the U-Net on the text and on the null text
+    (zero embeddings, empty mask), combined with weight `guidance` and thresholded (`make_denoise_fn`)."""
+    cond = (text_emb, text_mask, lowres, aug_logsnr)
+    uncond = (jnp.zeros_like(text_emb), jnp.zeros_like(text_mask), lowres, aug_logsnr)
+
+    def model_fn(z: jax.Array, logsnr: jax.Array, c: Any) -> jax.Array:
+        emb, mask, low, aug = c
+        kwargs = {} if low is None else dict(lowres=low, aug_logsnr=aug)
+        return unet.apply({"params": unet_params}, z, logsnr, emb, mask, **kwargs)
+
+    return samplers.make_denoise_fn(
+        model_fn,
+        objective=objective,
+        cond=cond,
+        uncond=uncond,
+        guidance_weight=guidance,
+        threshold=threshold,
+        percentile=percentile,
+    )
+
+
 def _sample(
     unet_params: Any,
     text_emb: jax.Array,
@@ -80,22 +114,9 @@ def _sample(
     if lowres is not None:
         aug_rng, rng = jax.random.split(rng)
         lowres, aug_logsnr = noise_aug.augment(lowres, aug_level, aug_rng, schedule)
-    cond = (text_emb, text_mask, lowres, aug_logsnr)
-    uncond = (jnp.zeros_like(text_emb), jnp.zeros_like(text_mask), lowres, aug_logsnr)
-
-    def model_fn(z: jax.Array, logsnr: jax.Array, c: Any) -> jax.Array:
-        emb, mask, low, aug = c
-        kwargs = {} if low is None else dict(lowres=low, aug_logsnr=aug)
-        return unet.apply({"params": unet_params}, z, logsnr, emb, mask, **kwargs)
-
-    denoise = samplers.make_denoise_fn(
-        model_fn,
-        objective=objective,
-        cond=cond,
-        uncond=uncond,
-        guidance_weight=guidance,
-        threshold=threshold,
-        percentile=percentile,
+    denoise = guided_denoiser(
+        unet, unet_params, text_emb, text_mask, objective=objective, guidance=guidance,
+        threshold=threshold, percentile=percentile, lowres=lowres, aug_logsnr=aug_logsnr,
     )
     return samplers.sample(
         denoise,
