@@ -1,7 +1,7 @@
 r"""How the shapes demo's text encoder represents its words: colours across framings, and which object of a
 two-object caption each word belongs to.
 
-    python benchmarks/text_wording_probe.py                           # the config's seeded T5 on bytes
+    python benchmarks/text_wording_probe.py                           # the seeded T5 on bytes
     python benchmarks/text_wording_probe.py --workdir runs/shapes_pt  # a run's own encoder
 
 Wording: for every colour and framing, the colour word's embedding is the mean over its tokens of
@@ -27,27 +27,21 @@ import numpy as np
 from configs.shapes import get_config
 from imagen_jax.data import shapes
 from imagen_jax.stage.build import load_stage
+from imagen_jax.text import pretrain
 from imagen_jax.text.build import build_text_encoder
 from imagen_jax.text.encoder import TextEncoder
 
 _ROLE_WORDS = ("size", "colour", "shape")
 
 
-def _word_tokens(encoder: TextEncoder, caption: str, start: int, word: str) -> slice:
-    """The token positions of the first `word` at or after character `start` of `caption`: those the
-    caption's prefix gains when the word is added."""
-    count = lambda text: int(encoder.tokenizer([text])["text_mask"][0].sum()) - 1  # noqa: E731 (EOS aside)
-    at = caption.index(word, start)
-    return slice(count(caption[:at].rstrip()), count(caption[: at + len(word)]))
-
-
 def colour_embeddings(encoder: TextEncoder, framings: tuple[str, ...]) -> dict[tuple[str, str], np.ndarray]:
-    out = {}
-    for framing, colour in itertools.product(framings, shapes.COLOURS):
-        caption = framing.format(a=f"small {colour} square")
-        emb, _ = encoder.encode([caption])
-        out[(framing, colour)] = np.asarray(emb[0])[_word_tokens(encoder, caption, 0, colour)].mean(0)
-    return out
+    keys = list(itertools.product(framings, shapes.COLOURS))
+    captions = [framing.format(a=f"small {colour} square") for framing, colour in keys]
+    spans = [[(c.index(colour), c.index(colour) + len(colour))]
+             for c, (_, colour) in zip(captions, keys, strict=True)]
+    ranges = pretrain.token_ranges(captions, spans, encoder.tokenizer)
+    emb = np.asarray(encoder.encode(captions)[0])
+    return {key: emb[i, slice(*ranges[i][0])].mean(0) for i, key in enumerate(keys)}
 
 
 def probe(encoder: TextEncoder) -> dict[str, float]:
@@ -80,20 +74,19 @@ def role_probe(encoder: TextEncoder, wording: str, num: int = 3000, seed: int = 
     rng = np.random.default_rng(seed)
     scenes = [shapes.sample_scene(rng, p_two=1.0) for _ in range(num)]
     captions = [shapes.caption_for(scene, rng, wording) for scene in scenes]
+    # Size, colour and shape of each object in turn, with its tags (data.shapes.OBJECT_TAGS).
+    spans = [shapes.object_tags(caption, scene) for caption, scene in zip(captions, scenes, strict=True)]
+    ranges = pretrain.token_ranges(captions, spans, encoder.tokenizer)
+    first_in_image, named_first = (shapes.OBJECT_TAGS.index(t) for t in ("first_in_image", "named_first"))
     rows = {word: ([], [], []) for word in _ROLE_WORDS}  # features, is the subject, is first in the image
     for begin in range(0, num, 256):
-        chunk = slice(begin, begin + 256)
-        emb = np.asarray(encoder.encode(captions[chunk])[0])
-        for i, (caption, scene) in enumerate(zip(captions[chunk], scenes[chunk], strict=True)):
-            a_first = scene.relation in ("left", "above")
-            for k, obj in enumerate(scene.objects):
-                phrase = obj.describe()
-                start = caption.index(phrase) if k == 0 else caption.rindex(phrase)
-                for word, text in zip(_ROLE_WORDS, (obj.size, obj.colour, obj.shape), strict=True):
-                    features, subject, first = rows[word]
-                    features.append(emb[i, _word_tokens(encoder, caption, start, text)].mean(0))
-                    subject.append(k == 0)
-                    first.append((k == 0) == a_first)
+        emb = np.asarray(encoder.encode(captions[begin : begin + 256])[0])
+        for i in range(begin, min(begin + 256, num)):
+            for k, ((_, _, tags), (lo, hi)) in enumerate(zip(spans[i], ranges[i], strict=True)):
+                features, subject, first = rows[_ROLE_WORDS[k % 3]]
+                features.append(emb[i - begin, lo:hi].mean(0))
+                subject.append(bool(tags[named_first]))
+                first.append(bool(tags[first_in_image]))
     out = {}
     for word, (features, subject, first) in rows.items():
         out[f"{word}: subject"] = _probe_accuracy(np.array(features), np.array(subject))
@@ -111,7 +104,7 @@ def main() -> None:
         encoder = load_stage(args.workdir).text
     else:  # the seeded T5 on bytes, as the demo read captions before it learned their words
         text = get_config().text
-        text.update(dict(tokenizer="byte", max_length=84))
+        text.update(dict(encoder="random", tokenizer="byte", max_length=84))
         encoder = build_text_encoder(text)
     result = probe(encoder)
     common.print_table([result], list(result))

@@ -52,26 +52,49 @@ def test_geometry_relation_and_no_overlap():
             assert o.extent / 2 <= o.cx <= 1 - o.extent / 2 and o.extent / 2 <= o.cy <= 1 - o.extent / 2
 
 
-def test_restatement_is_the_same_scene_said_the_other_way_round():
+def test_object_tags_mark_each_object_word_with_its_place_and_attributes():
     rng = np.random.default_rng(5)
-    for _ in range(200):
-        scene = shapes.sample_scene(rng, p_two=0.7)
-        said = shapes.restatement(scene)
-        if len(scene.objects) == 1:
-            assert said == scene.objects[0].describe()
-            continue
-        a, b = scene.objects
-        # "<b> <converse relation> <a>", and that statement is true of the scene's geometry.
-        match = re.fullmatch(r"(\w+ \w+ \w+) (left of|right of|above|below) (\w+ \w+ \w+)", said)
-        assert match, said
-        assert (match[1], match[3]) == (b.describe(), a.describe())
-        converse = match[2].removesuffix(" of")
-        assert converse == shapes.CONVERSE_RELATION[scene.relation]
-        assert shapes.relation_holds(b, a, converse)
-    square = shapes.ShapeObject("red", "square", "small", 0.3, 0.2, 0.5)
-    circle = shapes.ShapeObject("blue", "circle", "small", 0.3, 0.8, 0.5)
-    said = shapes.restatement(shapes.Scene((square, circle), "left"))
-    assert said == "small blue circle right of small red square"
+    seen = set()
+    names = shapes.OBJECT_TAGS
+    for wording in shapes.WORDINGS:
+        for _ in range(200):
+            scene = shapes.sample_scene(rng, p_two=0.7)
+            caption = shapes.caption_for(scene, rng, wording)
+            spans = shapes.object_tags(caption, scene)
+            # Three words per object phrase, in the phrase's order, each with its object's tags.
+            assert len(spans) == 3 * len(scene.objects)
+            for k, obj in enumerate(scene.objects):
+                words = spans[3 * k : 3 * k + 3]
+                assert [caption[a:b] for a, b, _ in words] == obj.describe().split()
+                (tags,) = {tags for _, _, tags in words}
+                tag = dict(zip(names, tags, strict=True))
+                # Its attributes, one-hot.
+                assert [n for n in names if "=" in n and tag[n] == 1] == [
+                    f"colour={obj.colour}", f"shape={obj.shape}", f"size={obj.size}"]
+                assert all(tag[n] == 0 for n in names if "=" in n and n.split("=")[1] not in (
+                    obj.colour, obj.shape, obj.size))
+                if len(scene.objects) == 1:
+                    assert tags[:3] == (-1, -1, -1)
+                    continue
+                other = scene.objects[1 - k]
+                # first_in_image: the geometry's left (left/right) or top (above/below) object.
+                horizontal = scene.relation in ("left", "right")
+                first = int(obj.cx < other.cx if horizontal else obj.cy < other.cy)
+                assert tag["first_in_image"] == first
+                named_first = caption.index(obj.describe()) < caption.index(other.describe())
+                assert tag["named_first"] == int(named_first)
+                assert tag["relation_first"] == int(scene.relation in ("left", "above"))
+                seen.add((tag["named_first"], first))
+    # Objects named first are either one in the image: the exclusive-or of naming order and relation.
+    assert seen == {(1, 1), (1, 0), (0, 1), (0, 0)}
+    square = shapes.ShapeObject("red", "square", "small", 0.3, 0.8, 0.5)
+    circle = shapes.ShapeObject("blue", "circle", "large", 0.5, 0.3, 0.5)
+    caption = "a small red square right of a large blue circle"
+    spans = shapes.object_tags(caption, shapes.Scene((square, circle), "right"))
+    assert [caption[a:b] for a, b, _ in spans] == ["small", "red", "square", "large", "blue", "circle"]
+    assert [tags[:3] for _, _, tags in spans] == [(0, 1, 0)] * 3 + [(1, 0, 0)] * 3
+    with pytest.raises(ValueError, match="does not name 'small red square' exactly once"):
+        shapes.object_tags("a red square right of a blue circle", shapes.Scene((square, circle), "right"))
 
 
 def test_captions_mention_every_attribute():

@@ -110,46 +110,94 @@ def test_make_batch_shapes_and_shift():
     assert list(batch["target_ids"][3, :2]) == [EOS_ID, 0]
 
 
-def test_restatement_rows_beside_span_corruption():
+def test_tags_land_on_the_tokens_of_their_words(shared_dir):
+    caption = "a red square left of a blue circle"
+    spans = [(2, 5, (1, 0)), (6, 12, (1, 0)), (23, 27, (0, 1)), (28, 34, (0, 1))]  # red square | blue circle
+    # Bytes: one token per character, so each word's tokens are its characters.
+    byte_tags = pretrain.tag_tokens([caption, "x"], [spans, []], make_tokenizer("byte", 64), 2)
+    expected = np.full((len(caption), 2), -1)
+    for a, b, tags in spans:
+        expected[a:b] = tags
+    np.testing.assert_array_equal(byte_tags[0], expected)
+    np.testing.assert_array_equal(byte_tags[1], [[-1, -1]])
+    # T5's SentencePiece vocabulary: each word here is one or more pieces ("▁red"), and every piece of a
+    # tagged word gets its tags.
+    tokenizer = make_tokenizer(str(shared_dir / "data" / "t5_spiece.model"), 16)
+    pieces = tokenizer.hf_tokenizer.convert_ids_to_tokens(tokenizer.encode_batch([caption])[0])
+    tags = pretrain.tag_tokens([caption], [spans], tokenizer, 2)[0]
+    assert pieces[:6] == ["▁", "a", "▁red", "▁square", "▁left", "▁of"] or pieces[:5] == [
+        "▁a", "▁red", "▁square", "▁left", "▁of"], pieces
+    by_piece = [(piece, tuple(t)) for piece, t in zip(pieces, tags.tolist(), strict=True)]
+    assert {("▁red", (1, 0)), ("▁square", (1, 0)), ("▁left", (-1, -1))} <= set(by_piece)
+    blue = pieces.index("▁blue")
+    assert all(t == (0, 1) for _, t in by_piece[blue:])  # "blue", "circle" and its pieces
+    assert all(t == (-1, -1) for _, t in by_piece[blue - 2 : blue])  # "of a"
+    # Cut to the tokenizer's max_length - 1 tokens, like the captions' ids.
+    cut = pretrain.tag_tokens([caption], [spans], make_tokenizer("byte", 8), 2)[0]
+    assert cut[:, 0].tolist() == [-1, -1, 1, 1, 1, -1, 1]
+    # -1: a tag that does not apply to this word (masked out of the loss, like untagged tokens).
+    partial = pretrain.tag_tokens([caption], [[(2, 5, (-1, 1))]], tokenizer, 2)[0]
+    assert partial[pieces.index("▁red")].tolist() == [-1, 1]
+    with pytest.raises(ValueError, match=r"each word has 2 tags of 0, 1 or -1 \(does not apply\), got"):
+        pretrain.tag_tokens([caption], [[(2, 5, (1, 2))]], tokenizer, 2)
+
+
+def test_tagged_batches_add_the_whole_caption_beside_span_corruption():
     tokenizer = make_tokenizer("byte", MAX_LENGTH)
     ids = pretrain.tokenize_captions(["red left of blue", "a small red circle"], tokenizer)
-    restated = pretrain.tokenize_captions(["blue right of red"], tokenizer)[0]
+    tags = [np.where(np.arange(ids[0].size) < 3, 1, -1)[:, None], None]
+    plain = pretrain.batch_from_ids(ids, np.random.default_rng(0), input_length=MAX_LENGTH,
+                                    target_length=MAX_LENGTH, vocab_size=384)
     batch = pretrain.batch_from_ids(ids, np.random.default_rng(0), input_length=MAX_LENGTH,
-                                    target_length=MAX_LENGTH, vocab_size=384,
-                                    restatements=[restated, None])
-    assert batch["restate"].tolist() == [1, 0] and all(v.dtype == np.int32 for v in batch.values())
-    # The restatement row: the whole caption in, its restatement out, both ending with EOS.
-    n, m = ids[0].size, restated.size
-    np.testing.assert_array_equal(batch["input_ids"][0, : n + 1], np.append(ids[0], EOS_ID))
-    assert (batch["input_ids"][0, n + 1 :] == 0).all()
-    np.testing.assert_array_equal(batch["target_ids"][0, : m + 1], np.append(restated, EOS_ID))
-    assert (batch["target_ids"][0, m + 1 :] == 0).all()
-    # The other row is span-corrupted as before: a sentinel (top of the vocabulary) in and out.
-    assert batch["input_ids"][1].max() >= 384 - 3 and batch["target_ids"][1, 0] == 383
-    with pytest.raises(ConfigError, match="does not fit target_length=3"):
-        pretrain.batch_from_ids(ids[:1], np.random.default_rng(0), input_length=MAX_LENGTH, target_length=3,
-                                vocab_size=384, noise_density=0.01, mean_span_length=1.0,
-                                restatements=[restated])
-    with pytest.raises(ConfigError, match=r"restate_fraction=0.5 needs one restatement per caption \(2\)"):
+                                    target_length=MAX_LENGTH, vocab_size=384, tags=tags)
+    assert all(v.dtype == np.int32 for v in batch.values())
+    # Span corruption is what it is without tags (same random stream), on every row.
+    for key, value in plain.items():
+        np.testing.assert_array_equal(batch[key], value)
+    # The whole caption and EOS, and its tags (-1 elsewhere and on the untagged row).
+    n = ids[0].size
+    np.testing.assert_array_equal(batch["caption_ids"][0, : n + 1], np.append(ids[0], EOS_ID))
+    assert (batch["caption_ids"][0, n + 1 :] == 0).all()
+    np.testing.assert_array_equal(batch["caption_mask"][0], batch["caption_ids"][0] > 0)
+    assert batch["tags"].shape == (2, MAX_LENGTH, 1)
+    assert batch["tags"][0, :3, 0].tolist() == [1, 1, 1] and (batch["tags"][0, 3:] == -1).all()
+    assert (batch["tags"][1] == -1).all()
+    with pytest.raises(ConfigError, match=r"tag_weight=1.0 needs one list of tag spans per caption \(2\)"):
         pretrain.pretrain_t5(TINY, tokenizer, ["a", "b"], num_steps=1, batch_size=1, learning_rate=1e-3,
-                             seed=0, restatements=["a"], restate_fraction=0.5)
+                             seed=0, tag_spans=[[]], tag_weight=1.0)
+    with pytest.raises(ConfigError, match="tag_weight=-1 must be >= 0"):
+        pretrain.pretrain_t5(TINY, tokenizer, ["a"], num_steps=1, batch_size=1, learning_rate=1e-3, seed=0,
+                             tag_weight=-1)
+    with pytest.raises(ConfigError, match="span_weight and tag_weight are both 0: pretraining would learn"):
+        pretrain.pretrain_t5(TINY, tokenizer, ["a"], num_steps=1, batch_size=1, learning_rate=1e-3, seed=0,
+                             span_weight=0)
 
 
-def test_pretraining_learns_to_restate(caplog):
-    """The decoder must say the second colour first, then the first: it finds them by what the encoder
-    writes into their tokens (cross-attention has no position bias)."""
-    pairs = [(c, d) for c in COLORS for d in COLORS if c != d]  # 20 captions
-    captions = [f"{c} left of {d}" for c, d in pairs]
-    restated = [f"{d} right of {c}" for c, d in pairs]
+def _spans(caption: str, words: dict[str, tuple[int, ...]]) -> list[tuple[int, int, tuple[int, ...]]]:
+    return [(caption.index(word), caption.index(word) + len(word), tag) for word, tag in words.items()]
+
+
+def test_pretraining_learns_tags_that_are_an_exclusive_or(caplog):
+    """Which colour is on the left: the first named after "left of", the second after "right of". Neither
+    the word order nor the relation alone says it; the linear head can read it only once the encoder has
+    computed it into each colour's output. The two facts it combines are tags beside it, as in
+    `data.shapes.object_tags`."""
+    captions, spans = [], []
+    for c, d in [(c, d) for c in COLORS for d in COLORS if c != d]:
+        for relation, c_left in (("left", 1), ("right", 0)):
+            captions.append(f"{c} {relation} of {d}")
+            spans.append(_spans(captions[-1], {c: (c_left, 1, c_left), d: (1 - c_left, 0, c_left)}))
     with caplog.at_level(logging.INFO, logger="imagen_jax"):
-        _, losses = pretrain.pretrain_t5(
-            TINY, make_tokenizer("byte", MAX_LENGTH), captions, num_steps=200, batch_size=16,
-            learning_rate=3e-3, seed=0, decoder_layers=1, log_every=50, restatements=restated,
-            restate_fraction=1.0,
+        params, _ = pretrain.pretrain_t5(
+            TINY, make_tokenizer("byte", MAX_LENGTH), captions, num_steps=300, batch_size=16,
+            learning_rate=3e-3, seed=0, decoder_layers=1, log_every=50, tag_spans=spans, tag_weight=10.0,
         )
-    exact = [float(m) for m in re.findall(r"restatements exact ([0-9.]+)", caplog.text)]
-    assert len(exact) == 4, caplog.text
-    assert exact[-1] >= 0.9 and np.mean(losses[-20:]) < 0.1 * np.mean(losses[:5]), (exact, losses[-5:])
+    right = [[float(x) for x in m.split("/")] for m in re.findall(r"tags right ([0-9./]+),", caplog.text)]
+    assert len(right) == 6 and all(len(r) == 3 for r in right), caplog.text
+    assert right[0][0] < 0.7 and right[-1][0] >= 0.95, right
+    # The encoder alone: the head and the decoder are dropped.
+    ids = np.ones((1, 4), np.int32)
+    assert set(params) == set(T5Encoder(TINY).init(jax.random.PRNGKey(0), ids, ids > 0)["params"])
 
 
 def test_unidirectional_buckets_known_values():

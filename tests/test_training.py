@@ -197,19 +197,19 @@ def test_a_learned_vocabulary_must_fit_the_t5_it_feeds():
         validate_config(config)
 
 
-def test_restatements_need_the_shapes_scenes(tmp_path):
+def test_object_tags_need_the_shapes_scenes(tmp_path):
     from imagen_jax.training.text_pretraining import prepare_run_text
 
     config = tiny_config()
     config.text.update(encoder="pretrain", train_jointly=False)
-    config.text.pretrain.restate_fraction = 1.5
-    with pytest.raises(ValueError, match=r"restate_fraction=1.5 must be in \[0, 1\]"):
+    config.text.pretrain.tag_weight = -1.0
+    with pytest.raises(ValueError, match=r"tag_weight=-1.0 must be >= 0"):
         validate_config(config)
-    config.text.pretrain.restate_fraction = 0.5
+    config.text.pretrain.tag_weight = 10.0
     validate_config(config)
     config.data.name = "folder"
     with pytest.raises(ValueError, match=r"only the shapes dataset records \(data.name='folder'\): set "
-                       r"--config.text.pretrain.restate_fraction=0"):
+                       r"--config.text.pretrain.tag_weight=0"):
         validate_config(config)
     # A source without scenes (a folder of images and captions) gets the same fix, not a KeyError.
     with pytest.raises(ValueError, match=r"records have no 'scene' \(only \['caption', 'image'\]\)"):
@@ -236,11 +236,12 @@ def test_train_then_sample_end_to_end_with_the_vocabulary_and_text_encoder_made_
     config.text.tokenizer = "captions"
     config.text.encoder = "pretrain"
     config.text.train_jointly = False
-    config.text.pretrain.update(num_steps=6, batch_size=8, log_every=3, restate_fraction=0.5)
+    config.text.pretrain.update(num_steps=6, batch_size=8, log_every=3, tag_weight=10.0)
     with caplog.at_level(logging.INFO):
         loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert re.search(r"tokenizer: learned \d+ bpe pieces .* from 64 captions", caplog.text)
-    assert "restating 50% of captions" in caplog.text and "restatements exact" in caplog.text
+    assert "tag loss weight 10" in caplog.text
+    assert re.search(r"tags right [0-9.]+/[0-9.]+/[0-9.]+", caplog.text)
     vocabulary = (tmp_path / "run" / "tokenizer" / "spiece.model").read_bytes()
     folder = tmp_path / "run" / "text_encoder"
     losses = json.loads((folder / "pretrain_losses.json").read_text())["loss"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import zlib
 from collections.abc import Sequence
 
@@ -234,21 +235,54 @@ def caption_for(scene: Scene, rng: np.random.Generator, wording: str = "standard
     return template.format(a=scene.objects[0].describe(), rel=rel, b=scene.objects[1].describe())
 
 
-CONVERSE_RELATION: dict[str, str] = {"left": "right", "right": "left", "above": "below", "below": "above"}
+# Relations that put objects[0] left of or above objects[1].
+FIRST_IN_IMAGE: tuple[str, ...] = ("left", "above")
 
 
-def restatement(scene: Scene) -> str:
-    """The scene said the other way round, in one plain form whatever its caption's framing: the object
-    phrase, or the second object first with the converse relation: "a red square left of a blue circle"
-    restates as "small blue circle right of small red square". The text encoder's pretraining task
-    (`text.pretrain.restate_fraction`): to start from the second object it must tell which object each
-    word belongs to."""
-    if len(scene.objects) == 1:
-        return scene.objects[0].describe()
-    a, b = scene.objects
-    converse = CONVERSE_RELATION[str(scene.relation)]
-    word = f"{converse} of" if converse in ("left", "right") else converse
-    return f"{b.describe()} {word} {a.describe()}"
+SIDE_TAGS: tuple[str, ...] = ("first_in_image", "named_first", "relation_first")
+# The side tags, then the object's attributes one-hot.
+OBJECT_TAGS: tuple[str, ...] = (
+    *SIDE_TAGS,
+    *(f"colour={c}" for c in COLOURS),
+    *(f"shape={s}" for s in SHAPES),
+    *(f"size={z}" for z in SIZES),
+)
+
+
+def object_tags(caption: str, scene: Scene) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(start, end, tags) character spans of the words of each object phrase in the scene's caption. The
+    tags (`OBJECT_TAGS`) are 0, 1, or -1 where they do not apply:
+    - first_in_image: is the word's object the left or top one in the image (two objects);
+    - named_first: is it the object the caption names first (two objects);
+    - relation_first: does the relation put the first-named object first, left or above (two objects);
+    - its object's colour, shape and size, one-hot (every object).
+    "a red square right of a blue circle" tags "blue" and "circle" (1, 0, 0, blue, circle, size), the red
+    square's words (0, 1, 0, red, square, size).
+
+    The text encoder's pretraining task (`text.pretrain.tag_weight`). The first tag is what the U-Net needs
+    and failed to learn: which object the caption puts first in the image is the exclusive-or of the next
+    two (docs/shapes_demo.md, binding). They are each a linear read of the caption, and given them, the
+    encoder's gated feed-forward layers form their product: without them the first tag sat at chance for
+    as long as the seed decided. The attributes keep every word of a phrase saying what its object looks
+    like: tagged with its side alone, the encoder let a colour's embedding depend more on the framing
+    around it than on the colour.
+    """
+    if len(scene.objects) == 2:
+        relation_first = int(scene.relation in FIRST_IN_IMAGE)
+        sides = [(int(named == relation_first), named, relation_first) for named in (1, 0)]
+    else:
+        sides = [(-1, -1, -1)]
+    spans = []
+    for obj, side in zip(scene.objects, sides, strict=True):
+        phrase = obj.describe()
+        at = caption.find(phrase)
+        if at < 0 or caption.find(phrase, at + 1) >= 0:
+            raise ValueError(f"caption {caption!r} does not name {phrase!r} exactly once.")
+        attributes = tuple(int(obj.colour == c) for c in COLOURS) + tuple(
+            int(obj.shape == x) for x in SHAPES) + tuple(int(obj.size == z) for z in SIZES)
+        for word in re.finditer(r"\S+", phrase):
+            spans.append((at + word.start(), at + word.end(), side + attributes))
+    return spans
 
 
 def _coverage(obj: ShapeObject, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:

@@ -126,14 +126,14 @@ def _check_text_pretraining(text: ml_collections.ConfigDict, data_name: str) -> 
     _positive(pt.time_budget_minutes, "text.pretrain.time_budget_minutes", allow_zero=True)
     try:
         pretrain.check_noise_args(pt.noise_density, pt.mean_span_length)
-        pretrain.check_restate_fraction(pt.restate_fraction)
+        pretrain.check_loss_weights(pt.span_weight, pt.tag_weight)
     except ConfigError as e:
         raise ConfigError(f"config.text.pretrain: {e}") from None
-    if pt.restate_fraction > 0 and data_name != "shapes":
+    if pt.tag_weight > 0 and data_name != "shapes":
         raise ConfigError(
-            f"config.text.pretrain.restate_fraction={pt.restate_fraction} restates each training scene, "
+            f"config.text.pretrain.tag_weight={pt.tag_weight} tags the words of each training scene, "
             f"which only the shapes dataset records (data.name={data_name!r}): set "
-            "--config.text.pretrain.restate_fraction=0."
+            "--config.text.pretrain.tag_weight=0."
         )
 
 

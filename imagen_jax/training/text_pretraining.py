@@ -3,14 +3,15 @@
 - with `config.text.tokenizer = "captions"`, a SentencePiece vocabulary (`config.text.learned_tokenizer`),
   saved as `<workdir>/tokenizer/spiece.model`: word pieces with no file to download;
 - with `config.text.encoder = "pretrain"`, a small T5 (sized by `config.text.t5`) pretrained with T5's
-  span-corruption objective, saved as a Hugging Face folder under `<workdir>/text_encoder`, then frozen (and
-  cached) like any pretrained T5.
+  span-corruption objective, and on shapes scenes with `config.text.pretrain.tag_weight` > 0 also a
+  per-word loss on which object each word belongs to in the image (`data.shapes.object_tags`), saved as a
+  Hugging Face folder under `<workdir>/text_encoder`, then frozen (and cached) like any pretrained T5.
 
 A rerun or `sample.py` on the workdir loads them from there. Process 0 makes them; the others wait.
 
-Imagen's recipe at small scale: the language lives in a frozen, pretrained encoder. It pays where the
-captions' words predict each other; on the shapes captions, whose attributes are independent, it did not
-(docs/shapes_demo.md, wording).
+Imagen's recipe at small scale: the language lives in a frozen, pretrained encoder. Span corruption alone
+did not pay on the shapes captions, whose attributes are independent of each other; the per-word tags
+teach what a big T5 would bring from its corpus, which object the caption puts where (docs/shapes_demo.md).
 """
 
 from __future__ import annotations
@@ -52,16 +53,19 @@ _CURVE_EVERY = 10  # steps per TensorBoard point of the pretraining loss
 def prepare_run_text(text: ml_collections.ConfigDict, workdir: str, source: Sequence[dict]) -> None:
     """Learns the run's vocabulary, then pretrains its T5, on the captions of the training `source`, each
     only where `text` asks for it and the workdir does not have it yet."""
-    restating = text.encoder == PRETRAINED_IN_RUN and text.pretrain.restate_fraction > 0
-    # One pass over the source reads what either step needs (the scenes too for restatements).
-    keys = ("caption", "scene") if restating else ("caption",)
+    tagging = text.encoder == PRETRAINED_IN_RUN and text.pretrain.tag_weight > 0
+    # One pass over the source reads what either step needs (the scenes too for the tags).
+    keys = ("caption", "scene") if tagging else ("caption",)
     columns = functools.cache(lambda: _read_columns(source, keys))
     captions = lambda: columns()["caption"]  # noqa: E731
     if text.tokenizer == LEARNED_TOKENIZER:
         _ensure_tokenizer(text.learned_tokenizer, workdir, captions)
     if text.encoder == PRETRAINED_IN_RUN:
-        restatements = (lambda: [shapes.restatement(shapes.Scene.from_json(s)) for s in columns()["scene"]])
-        _ensure_text_encoder(text, workdir, captions, restatements if restating else None)
+        def tag_spans() -> list[pretrain.TagSpans]:
+            return [shapes.object_tags(caption, shapes.Scene.from_json(scene))
+                    for caption, scene in zip(captions(), columns()["scene"], strict=True)]
+
+        _ensure_text_encoder(text, workdir, captions, tag_spans if tagging else None)
 
 
 def _read_columns(source: Sequence[dict], keys: tuple[str, ...]) -> dict[str, list[str]]:
@@ -71,9 +75,9 @@ def _read_columns(source: Sequence[dict], keys: tuple[str, ...]) -> dict[str, li
         for key in keys:
             if key not in record:
                 raise ConfigError(
-                    "config.text.pretrain.restate_fraction > 0 restates each training scene, but this "
-                    f"dataset's records have no {key!r} (only {sorted(record)}): it needs "
-                    "data.name='shapes', or set --config.text.pretrain.restate_fraction=0."
+                    "config.text.pretrain.tag_weight > 0 tags the words of each training scene, but "
+                    f"this dataset's records have no {key!r} (only {sorted(record)}): it needs "
+                    "data.name='shapes', or set --config.text.pretrain.tag_weight=0."
                 )
             columns[key].append(as_str(record[key]))
     return columns
@@ -125,7 +129,7 @@ def _ensure_text_encoder(
     text: ml_collections.ConfigDict,
     workdir: str,
     captions: Callable[[], list[str]],
-    restatements: Callable[[], list[str]] | None,
+    tag_spans: Callable[[], list[pretrain.TagSpans]] | None,
 ) -> None:
     folder = pretrained_folder(workdir)
     if not _missing(folder / "config.json"):
@@ -136,7 +140,7 @@ def _ensure_text_encoder(
         t5_config = t5_config_from_dict(text.t5)
         log.info(
             "pretraining the text encoder (T5 %d layers, d_model %d) on %d captions: %d steps of %d, span "
-            "corruption %.0f%% of tokens in spans of %.1f, restating %.0f%% of captions",
+            "corruption %.0f%% of tokens in spans of %.1f (loss weight %g), tag loss weight %g",
             t5_config.num_layers,
             t5_config.d_model,
             len(captions()),
@@ -144,7 +148,8 @@ def _ensure_text_encoder(
             pt.batch_size,
             100 * pt.noise_density,
             pt.mean_span_length,
-            100 * pt.restate_fraction,
+            pt.span_weight,
+            pt.tag_weight,
         )
         params, losses = pretrain.pretrain_t5(
             t5_config,
@@ -159,8 +164,9 @@ def _ensure_text_encoder(
             decoder_layers=pt.decoder_layers or None,
             log_every=pt.log_every,
             time_budget_s=60.0 * pt.time_budget_minutes,
-            restatements=restatements() if restatements else None,
-            restate_fraction=pt.restate_fraction,
+            tag_spans=tag_spans() if tag_spans else None,
+            tag_weight=pt.tag_weight,
+            span_weight=pt.span_weight,
         )
         pretrain.save_encoder(folder, t5_config, params)
         (folder / LOSSES_FILE).write_text(json.dumps({"loss": [float(x) for x in losses]}))
