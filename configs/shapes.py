@@ -80,6 +80,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_eval = 1_000
     # Two-object scenes are the hard part (binding colours to positions): train on more of them.
     c.data.two_object_prob = 0.65
+    # Made-up words (random letters) in the framing of this share of training captions, 1..max_words
+    # each, never inside an object or relation phrase (`data.shapes.with_made_up_words`). The run's
+    # vocabulary spells a word its captions never use in pieces nothing else trains; these train them,
+    # and teach the encoder and U-Net that words naming no object change nothing, so a user's own
+    # framing ("this photo shows ...") is read like a known one.
+    c.data.made_up_words = ml_collections.ConfigDict(dict(prob=0.3, max_words=2))
     c.data.seed = 0
     c.data.worker_count = 0  # grain worker processes; 0 = threads in this process
     c.data.prefetch = 4  # batches buffered ahead of the training step
@@ -244,7 +250,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Stop (and checkpoint) after this many minutes of the loop; dataset generation, the text encoder's
     # pretraining, the embedding cache and compilation come before it, so the command stays under 30
     # minutes. 0 = none.
-    c.train.time_budget_minutes = 25.0
+    c.train.time_budget_minutes = 24.0
     c.train.log_every = 50
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2

@@ -1,6 +1,7 @@
 """Procedural shapes scenes: determinism, captions, geometry, rendering and low/high-res consistency."""
 
 import re
+import string
 import time
 
 import numpy as np
@@ -152,6 +153,52 @@ def test_heldout_wordings_never_appear_in_the_training_stream():
     assert used == set(held_one + held_two)  # every held-out framing is exercised
     with pytest.raises(ValueError, match="unknown caption wording 'casual'"):
         shapes.eval_set(1, wording="casual")
+
+
+def test_made_up_words_frame_the_phrases_and_never_use_a_grammar_word():
+    held_one, held_two = shapes.caption_templates("heldout")
+    held_words = {w.strip(",:?") for t in held_one + held_two for w in t.split()} - {"{a}", "{b}", "{rel}"}
+    standard = [shapes.make_example(0, "train", i, 8, p_two=0.65)["caption"] for i in range(400)]
+    inserted = 0
+    for i in range(400):
+        ex = shapes.make_example(0, "train", i, 8, p_two=0.65, made_up_prob=0.5, made_up_max=3)
+        scene, caption = shapes.Scene.from_json(ex["scene"]), ex["caption"]
+        # The scene and the grammar's caption are those of made_up_prob=0; the made-up words only add.
+        assert scene == shapes.Scene.from_json(shapes.make_example(0, "train", i, 8, p_two=0.65)["scene"])
+        added = caption.split()
+        for word in standard[i].split():
+            added.remove(word)
+        assert len(added) <= 3
+        inserted += bool(added)
+        for word in added:
+            assert word.rstrip(string.punctuation).isalpha() and len(word.rstrip(string.punctuation)) >= 2
+            assert word.rstrip(string.punctuation) not in held_words | set(standard[i].split()), word
+        # Object and relation phrases stay verbatim, so the tags still find every word of each object.
+        tags = shapes.object_tags(caption, scene)
+        assert len(tags) == 3 * len(scene.objects)
+        if scene.relation:
+            assert any(p in caption for p in shapes.RELATION_PHRASES[scene.relation]), caption
+    assert 150 < inserted < 250  # about half of the captions
+    # Inserted anywhere outside the phrases: at the start, inside the framing, between phrases, at the end.
+    scene = shapes.Scene(
+        (shapes.ShapeObject("red", "circle", "small", 0.3, 0.5, 0.2),
+         shapes.ShapeObject("blue", "square", "large", 0.7, 0.5, 0.3)), "left")
+    caption = "there is a small red circle to the left of a large blue square"
+    seen = set()
+    for seed in range(200):
+        out = shapes.with_made_up_words(caption, scene, np.random.default_rng(seed), 1)
+        words, rest = out.split(), caption.split()
+        at = next((k for k, (a, b) in enumerate(zip(words, rest, strict=False)) if a != b), len(rest))
+        assert words[:at] + words[at + 1:] == rest, out
+        seen.add(at)
+    # Boundaries outside the phrases: before "there", "is", "a", "small", "to", "a", "large", and the end.
+    assert seen == {0, 1, 2, 3, 6, 10, 11, 14}
+    # The generated dataset's name says so: its files are never shared with another setting's.
+    from imagen_jax.data.shapes_tfds import config_for
+
+    assert config_for(32, num_train=8, num_eval=2).name == "r32_n8_e2_s0_p50"
+    with_words = config_for(32, num_train=8, num_eval=2, made_up_prob=0.3, made_up_max=2)
+    assert with_words.name == "r32_n8_e2_s0_p50_m30x2"
 
 
 def test_render_colours_and_areas():

@@ -29,6 +29,7 @@ def _shapes_data(data_dir, resolution=32, lowres=16, crop=0):
             num_eval=4,
             seed=0,
             two_object_prob=0.5,
+            made_up_words=ml_collections.ConfigDict(dict(prob=0.0, max_words=2)),
         )
     )
 

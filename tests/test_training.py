@@ -159,6 +159,8 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         ("optim.name", "sgd", "optim.name='sgd' is not one of"),
         ("data.resolution", 30, "not divisible by model.patch_size"),
         ("eval.two_object_prob", 1.5, "eval.two_object_prob=1.5 must be a probability"),
+        ("data.made_up_words.prob", -0.1, "data.made_up_words.prob=-0.1 must be a probability"),
+        ("data.made_up_words.max_words", 0, "data.made_up_words.max_words"),
         ("xla_options.cpu", "fast_math", "xla_options.cpu: 'fast_math' is not an XLA option"),
         ("model.dtype", "bf16", "model.dtype='bf16' is not one of"),
         ("model.attention_impl", "flash", "model.attention_impl='flash' is not one of"),
@@ -169,8 +171,11 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
 )
 def test_bad_config_values_are_named(key, value, message):
     config = tiny_config()
-    section, field = key.split(".")
-    config[section][field] = value
+    *sections, field = key.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    node[field] = value
     with pytest.raises(ValueError, match=message):
         validate_config(config)
 

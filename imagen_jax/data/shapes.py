@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import string
 import zlib
 from collections.abc import Sequence
 
@@ -221,6 +222,55 @@ def caption_templates(wording: str = "standard") -> tuple[tuple[str, ...], tuple
     return _TEMPLATES[wording]
 
 
+# Made-up words in the framing of training captions (`with_made_up_words`, `config.data.made_up_words`).
+# A run's vocabulary is learned from its training captions, so a word they never use, like most of a
+# user's framing ("this photo shows ..."), is spelled in pieces training never feeds the text encoder:
+# their embeddings stay at initialisation, and the frozen encoder's outputs for the caption's object
+# words drift with them. Random letter strings around the object and relation phrases (never inside
+# them) train those pieces and teach the encoder, and the U-Net after it, that words naming no object or
+# relation change nothing. They are not the held-out wordings: no made-up word is a word of any template.
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_PUNCTUATION = "!\"#$%&'()*+-./:;<=>?@[]^_`|~"
+_KNOWN_WORDS = frozenset(
+    word.strip(string.punctuation)
+    for text in (*COLOURS, *SHAPES, *SIZES, *(p for ps in RELATION_PHRASES.values() for p in ps),
+                 *(t for one, two in _TEMPLATES.values() for t in (*one, *two)))
+    for word in text.split()
+)
+
+
+def made_up_word(rng: np.random.Generator) -> str:
+    """2-8 random letters, no word of the caption grammars (training or held-out), a fifth of the time
+    followed by a punctuation mark."""
+    while True:
+        word = "".join(rng.choice(list(_LETTERS), size=int(rng.integers(2, 9))))
+        if word not in _KNOWN_WORDS:
+            break
+    if rng.random() < 0.2:
+        word += _PUNCTUATION[int(rng.integers(len(_PUNCTUATION)))]
+    return word
+
+
+def with_made_up_words(caption: str, scene: Scene, rng: np.random.Generator, max_words: int) -> str:
+    """`caption` with 1..max_words `made_up_word`s inserted at word boundaries outside its object and
+    relation phrases (the start and end included), which stay verbatim."""
+    protected = [(at, at + len(phrase)) for obj in scene.objects
+                 for phrase in [obj.describe()] for at in [caption.find(phrase)] if at >= 0]
+    if scene.relation is not None:
+        found = [p for p in RELATION_PHRASES[scene.relation] if p in caption]
+        if found:
+            phrase = max(found, key=len)
+            at = caption.find(phrase)
+            protected.append((at, at + len(phrase)))
+    words = caption.split(" ")
+    starts = np.cumsum([0] + [len(w) + 1 for w in words])  # each word's start, then past the end
+    gaps = [i for i, at in enumerate(starts) if not any(lo < at < hi for lo, hi in protected)]
+    chosen = rng.choice(gaps, size=int(rng.integers(1, max_words + 1)))
+    for i in sorted(chosen.tolist(), reverse=True):  # from the end, so earlier indices stay valid
+        words.insert(i, made_up_word(rng))
+    return " ".join(words)
+
+
 def caption_for(scene: Scene, rng: np.random.Generator, wording: str = "standard") -> str:
     """A caption for `scene` in one of the `wording`'s templates; describes every object fully."""
     one, two = caption_templates(wording)
@@ -330,13 +380,24 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def make_example(
-    seed: int, split: str, index: int, resolution: int | Sequence[int] = 32, *, p_two: float = 0.5
+    seed: int,
+    split: str,
+    index: int,
+    resolution: int | Sequence[int] = 32,
+    *,
+    p_two: float = 0.5,
+    made_up_prob: float = 0.0,
+    made_up_max: int = 2,
 ) -> dict[str, object]:
     """Deterministic example for (seed, split, index): {"image_<r>": uint8 per resolution, "image" (the
-    first resolution), "caption": str, "scene": JSON str}. All resolutions render the same scene."""
+    first resolution), "caption": str, "scene": JSON str}. All resolutions render the same scene. With
+    made_up_prob > 0 that share of captions gets 1..made_up_max made-up words (`with_made_up_words`)."""
     rng = example_rng(seed, split, index)
     scene = sample_scene(rng, p_two=p_two)
     caption = caption_for(scene, rng)
+    # Drawn after the caption, so scenes and captions are those of made_up_prob=0 (and `eval_set`'s).
+    if made_up_prob > 0 and rng.random() < made_up_prob:
+        caption = with_made_up_words(caption, scene, rng, made_up_max)
     resolutions = [resolution] if isinstance(resolution, int) else list(resolution)
     out: dict[str, object] = {f"image_{r}": render(scene, r) for r in resolutions}
     out["image"] = out[f"image_{resolutions[0]}"]

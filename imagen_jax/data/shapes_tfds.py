@@ -47,6 +47,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_test: int = 1_000
     seed: int = 0
     p_two: float = 0.5
+    made_up_prob: float = 0.0
+    made_up_max: int = 2
 
 
 class ImagenShapes(tfds.core.GeneratorBasedBuilder):
@@ -104,17 +106,27 @@ class ImagenShapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict]]:
         cfg = self.builder_config
         for i in range(num):
-            ex = shapes.make_example(cfg.seed, split, i, cfg.resolutions, p_two=cfg.p_two)
+            ex = shapes.make_example(cfg.seed, split, i, cfg.resolutions, p_two=cfg.p_two,
+                                     made_up_prob=cfg.made_up_prob, made_up_max=cfg.made_up_max)
             ex.pop("image")  # stored only under image_<r>
             yield i, ex
 
 
 def config_for(
-    resolutions: int | Sequence[int], *, num_train: int, num_eval: int, seed: int = 0, p_two: float = 0.5
+    resolutions: int | Sequence[int],
+    *,
+    num_train: int,
+    num_eval: int,
+    seed: int = 0,
+    p_two: float = 0.5,
+    made_up_prob: float = 0.0,
+    made_up_max: int = 2,
 ) -> ShapesConfig:
     """A config whose name encodes every setting, so different settings never share files."""
     res = (resolutions,) if isinstance(resolutions, int) else tuple(int(r) for r in resolutions)
     name = f"r{'_'.join(map(str, res))}_n{num_train}_e{num_eval}_s{seed}_p{int(round(p_two * 100))}"
+    if made_up_prob > 0:  # unchanged otherwise: the captions are those of before
+        name += f"_m{int(round(made_up_prob * 100))}x{made_up_max}"
     return ShapesConfig(
         name=name,
         resolutions=res,
@@ -123,6 +135,8 @@ def config_for(
         num_test=num_eval,
         seed=seed,
         p_two=p_two,
+        made_up_prob=made_up_prob,
+        made_up_max=made_up_max,
     )
 
 
@@ -134,9 +148,12 @@ def prepare_shapes(
     num_eval: int = 1_000,
     seed: int = 0,
     p_two: float = 0.5,
+    made_up_prob: float = 0.0,
+    made_up_max: int = 2,
 ) -> ImagenShapes:
     """Builder for these settings under `data_dir`, generating the files first if they are missing."""
-    cfg = config_for(resolutions, num_train=num_train, num_eval=num_eval, seed=seed, p_two=p_two)
+    cfg = config_for(resolutions, num_train=num_train, num_eval=num_eval, seed=seed, p_two=p_two,
+                     made_up_prob=made_up_prob, made_up_max=made_up_max)
     builder = ImagenShapes(config=cfg, data_dir=data_dir, file_format="array_record")
     if "://" in os.fspath(data_dir) and not builder.is_prepared():
         raise ConfigError(

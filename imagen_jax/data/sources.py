@@ -94,6 +94,8 @@ def build_source(data: ml_collections.ConfigDict, workdir: str | os.PathLike, sp
             num_eval=data.num_eval,
             seed=data.seed,
             p_two=data.two_object_prob,
+            made_up_prob=data.made_up_words.prob,
+            made_up_max=data.made_up_words.max_words,
         )
         source = builder.as_data_source(split)
         if not lowres:  # unwrapped: the repr in checkpointed base-stage iterator states stays valid

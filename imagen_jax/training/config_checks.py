@@ -81,6 +81,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         p_two = section.get("two_object_prob", 0.0)
         if not 0.0 <= p_two <= 1.0:
             raise ConfigError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
+    made_up = config.data.get("made_up_words")
+    if made_up is not None:
+        if not 0.0 <= made_up.prob <= 1.0:
+            raise ConfigError(
+                f"config.data.made_up_words.prob={made_up.prob} must be a probability in [0, 1].")
+        _positive(made_up.max_words, "data.made_up_words.max_words")
     _check_mesh(config)
     _check_text_pretraining(config.text, config.data.name)
     _check_learned_tokenizer(config.text)
