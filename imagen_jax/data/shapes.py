@@ -254,14 +254,10 @@ def made_up_word(rng: np.random.Generator) -> str:
 def with_made_up_words(caption: str, scene: Scene, rng: np.random.Generator, max_words: int) -> str:
     """`caption` with 1..max_words `made_up_word`s inserted at word boundaries outside its object and
     relation phrases (the start and end included), which stay verbatim."""
-    protected = [(at, at + len(phrase)) for obj in scene.objects
-                 for phrase in [obj.describe()] for at in [caption.find(phrase)] if at >= 0]
-    if scene.relation is not None:
-        found = [p for p in RELATION_PHRASES[scene.relation] if p in caption]
-        if found:
-            phrase = max(found, key=len)
-            at = caption.find(phrase)
-            protected.append((at, at + len(phrase)))
+    phrases = [obj.describe() for obj in scene.objects]
+    if scene.relation is not None:  # the longest match: "to the left of", not the "left of" inside it
+        phrases += sorted((p for p in RELATION_PHRASES[scene.relation] if p in caption), key=len)[-1:]
+    protected = [(caption.find(p), caption.find(p) + len(p)) for p in phrases if p in caption]
     words = caption.split(" ")
     starts = np.cumsum([0] + [len(w) + 1 for w in words])  # each word's start, then past the end
     gaps = [i for i, at in enumerate(starts) if not any(lo < at < hi for lo, hi in protected)]
