@@ -46,6 +46,7 @@ def _timed(fn, iters: int, warmup: int) -> tuple[float, float]:
 def run(spec: dict) -> dict:
     _install_shims()
     import torch
+    import torch.utils.flop_counter
     from imagen_pytorch import Imagen, Unet
 
     torch.set_num_threads(spec["threads"])
@@ -99,6 +100,8 @@ def run(spec: dict) -> dict:
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - 0.999)
 
     train_s, train_first = _timed(train_step, spec["train_iters"], spec["warmup"])
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:  # one more step, untimed
+        train_step()
 
     # Sampling: imagen-pytorch's DDPM loop with `timesteps` steps; guidance as its two serial passes.
     sampler = imagen(spec["sample_steps"])
@@ -119,6 +122,8 @@ def run(spec: dict) -> dict:
         "train_step_seconds": train_s,
         "train_first_step_seconds": train_first,
         "train_images_per_second": b / train_s,
+        # PyTorch's counter counts matrix products and convolutions only (no elementwise work).
+        "train_flops_per_image": counter.get_total_flops() / b,
         "sample_seconds_per_call": sample_s,
         "sample_first_call_seconds": sample_first,
         "denoising_steps_per_second": spec["sample_steps"] / sample_s,

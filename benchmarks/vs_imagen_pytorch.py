@@ -138,6 +138,11 @@ def main(argv: list[str]) -> None:
             "imagen_pytorch": theirs and theirs["train_first_step_seconds"],
         },
         {
+            "metric": "train GFLOP / image (XLA's count; PyTorch's: matmuls + convolutions)",
+            "imagen_jax": ours_train["flops_per_image"] / 1e9,
+            "imagen_pytorch": theirs and theirs["train_flops_per_image"] / 1e9,
+        },
+        {
             "metric": "U-Net parameters",
             "imagen_jax": ours_train["unet_params"],
             "imagen_pytorch": theirs and theirs["unet_params"],

@@ -329,6 +329,21 @@ def _check_stored_structure(path: str, requested: dict[str, Any]) -> None:
     )
 
 
+def _check_optimizer_layout(
+    path: str, saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> None:
+    """Refuses resuming with another `optim.stack_by_shape`: the optimizer state is stored in its layout
+    (sampling reads only the weights and is not affected)."""
+    saved_value = bool(saved.get("optim", {}).get("stack_by_shape", False))
+    value = bool(config.optim.get("stack_by_shape", False))
+    if saved_value != value:
+        raise CheckpointError(
+            f"checkpoint {path} holds optimizer state with optim.stack_by_shape={saved_value}, and the "
+            f"config asks for {value}; the state's layout follows it. Resume with "
+            f"--config.optim.stack_by_shape={saved_value}, or start a new --workdir."
+        )
+
+
 def restore_verified(
     manager: ocp.CheckpointManager,
     step: int,
@@ -380,6 +395,8 @@ def restore_verified(
             f"this one reads {integrity.DIGEST_VERSION}): train it again with this version."
         )
     requested = abstract_items(config or saved_config)
+    if config is not None and "train" in requested:
+        _check_optimizer_layout(path, saved_config, config)
     _check_stored_structure(path, requested)
     items = {}
     for name, structs in requested.items():
