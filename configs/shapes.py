@@ -235,8 +235,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.999
     c.optim.ema_warmup = True  # decay = min(ema_decay, (1 + step) / (10 + step))
     # Run the optimizer once per group of same-shaped parameters (vmapped) rather than once per parameter:
-    # the same arithmetic in a shorter program. It pays off for Adafactor's long per-parameter update on
-    # big U-Nets (the paper configs), not for AdamW on small ones; it also decides the layout of the
+    # the same arithmetic in a shorter program for the paper's base U-Net (Adafactor's per-parameter update
+    # is long, its parameters many), a longer one for small models. It also decides the layout of the
     # checkpointed optimizer state, so a run resumes only with the value it started with.
     c.optim.stack_by_shape = False
 

@@ -107,10 +107,9 @@ def stacked_by_shape(inner: optax.GradientTransformation) -> optax.GradientTrans
 
     The same arithmetic for any `inner` that treats each parameter on its own (Adam, Adafactor, weight
     decay; not clipping by the global norm, which must come before). Why: XLA compiles the per-parameter
-    update as separate small programs, and Adafactor's is long; the paper's base U-Net has ~60 distinct
-    shapes among ~700 parameters (docs/benchmarks.md has the compile times). The gradients and parameters
-    are stacked on every step: copies XLA may keep in temporary memory (its plan for the base U-Net's step
-    did not grow).
+    update as separate small programs, and Adafactor's is long; the paper's base U-Net's 680 parameters
+    form 73 groups (docs/benchmarks.md has the compile times). The gradients and parameters are stacked on
+    every step: copies XLA may keep in temporary memory (its plan for the base U-Net's step did not grow).
     """
 
     def init(params: Any) -> StackedState:
