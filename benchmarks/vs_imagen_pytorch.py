@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
         },
         {
             "metric": "train GFLOP / image (XLA's count; PyTorch's: matmuls + convolutions)",
-            "imagen_jax": ours_train["flops_per_image"] / 1e9,
+            "imagen_jax": ours_train["flops_per_image"] and ours_train["flops_per_image"] / 1e9,
             "imagen_pytorch": theirs and theirs["train_flops_per_image"] / 1e9,
         },
         {
