@@ -37,6 +37,9 @@ DIFFERENCES = (
     "forward passes, removing the guidance direction's parallel component and dynamic thresholding at "
     "the 95th percentile; imagen_jax runs one doubled-batch pass per step (DDPM and DPM-Solver++(2M) "
     "timed) and thresholds at the 99.5th percentile.",
+    "imagen-pytorch's down path runs each level's ResNet blocks (num_resnet_blocks + 1 of them) at the "
+    "previous level's width and widens in the downsampling convolution; imagen_jax widens in each level's "
+    "first block, as ADM and the paper's U-Net do, so at width 64 it has 16% more parameters and FLOPs.",
     "imagen-pytorch runs eagerly in fp32 with its own threads (torch.set_num_threads = CPU count); "
     "imagen_jax runs one compiled XLA program per step on all CPU cores.",
 )
