@@ -229,7 +229,6 @@ def caption_templates(wording: str = "standard") -> tuple[tuple[str, ...], tuple
 # words drift with them. Random letter strings around the object and relation phrases (never inside
 # them) train those pieces and teach the encoder, and the U-Net after it, that words naming no object or
 # relation change nothing. They are not the held-out wordings: no made-up word is a word of any template.
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _PUNCTUATION = "!\"#$%&'()*+-./:;<=>?@[]^_`|~"
 _KNOWN_WORDS = frozenset(
     word.strip(string.punctuation)
@@ -243,7 +242,7 @@ def made_up_word(rng: np.random.Generator) -> str:
     """2-8 random letters, no word of the caption grammars (training or held-out), a fifth of the time
     followed by a punctuation mark."""
     while True:
-        word = "".join(rng.choice(list(_LETTERS), size=int(rng.integers(2, 9))))
+        word = "".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(2, 9))))
         if word not in _KNOWN_WORDS:
             break
     if rng.random() < 0.2:

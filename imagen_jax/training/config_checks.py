@@ -31,6 +31,11 @@ def _positive(value: float, key: str, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
 
 
+def _probability(value: float, key: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"config.{key}={value} must be a probability in [0, 1].")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     d, t, o, s = config.diffusion, config.train, config.optim, config.sample
     _choice(d.schedule, schedules.SCHEDULE_NAMES, "diffusion.schedule")
@@ -78,14 +83,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive(t.sample_every, "train.sample_every", allow_zero=True)
     _positive(t.time_budget_minutes, "train.time_budget_minutes", allow_zero=True)
     for key, section in (("data", config.data), ("eval", config.get("eval", {}))):
-        p_two = section.get("two_object_prob", 0.0)
-        if not 0.0 <= p_two <= 1.0:
-            raise ConfigError(f"config.{key}.two_object_prob={p_two} must be a probability in [0, 1].")
+        _probability(section.get("two_object_prob", 0.0), f"{key}.two_object_prob")
     made_up = config.data.get("made_up_words")
     if made_up is not None:
-        if not 0.0 <= made_up.prob <= 1.0:
-            raise ConfigError(
-                f"config.data.made_up_words.prob={made_up.prob} must be a probability in [0, 1].")
+        _probability(made_up.prob, "data.made_up_words.prob")
         _positive(made_up.max_words, "data.made_up_words.max_words")
     _check_mesh(config)
     _check_text_pretraining(config.text, config.data.name)
