@@ -135,6 +135,10 @@ def test_tags_land_on_the_tokens_of_their_words(shared_dir):
     # Cut to the tokenizer's max_length - 1 tokens, like the captions' ids.
     cut = pretrain.tag_tokens([caption], [spans], make_tokenizer("byte", 8), 2)[0]
     assert cut[:, 0].tolist() == [-1, -1, 1, 1, 1, -1, 1]
+    # The caller's ids (pretrain_t5 has them already) give the same tags.
+    ids = pretrain.tokenize_captions([caption], make_tokenizer("byte", 8))
+    given = pretrain.tag_tokens([caption], [spans], make_tokenizer("byte", 8), 2, caption_ids=ids)[0]
+    np.testing.assert_array_equal(given, cut)
     # -1: a tag that does not apply to this word (masked out of the loss, like untagged tokens).
     partial = pretrain.tag_tokens([caption], [[(2, 5, (-1, 1))]], tokenizer, 2)[0]
     assert partial[pieces.index("▁red")].tolist() == [-1, 1]

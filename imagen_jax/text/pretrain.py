@@ -232,13 +232,20 @@ TagSpans = Sequence[tuple[int, int, Sequence[int]]]
 
 
 def tag_tokens(
-    captions: Sequence[str], spans: Sequence[TagSpans], tokenizer: Tokenizer, num_tags: int
+    captions: Sequence[str],
+    spans: Sequence[TagSpans],
+    tokenizer: Tokenizer,
+    num_tags: int,
+    caption_ids: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Per caption, int32 [its `tokenize_captions` length, num_tags]: each token's tags from the
     character spans (start, end, num_tags tags in {0, 1}, or -1 where one does not apply) of its words
-    (`token_ranges`), -1 for untagged tokens."""
+    (`token_ranges`), -1 for untagged tokens. caption_ids: `tokenize_captions`'s output where the caller
+    has it already (tokenized here otherwise)."""
     ranges = token_ranges(captions, spans, tokenizer)
-    lengths = [len(ids) for ids in tokenize_captions(captions, tokenizer)]
+    if caption_ids is None:
+        caption_ids = tokenize_captions(captions, tokenizer)
+    lengths = [len(ids) for ids in caption_ids]
     out = []
     for i, caption_spans in enumerate(spans):
         tags = np.full((lengths[i], num_tags), -1, np.int32)
@@ -453,7 +460,7 @@ def pretrain_t5(
                           f"({len(captions)}), got {None if tag_spans is None else len(tag_spans)}.")
     caption_ids = tokenize_captions(captions, tokenizer)
     num_tags = next((len(t) for spans in (tag_spans or []) for _, _, t in spans), 1)
-    caption_tags = (tag_tokens(captions, tag_spans, tokenizer, num_tags) if tagging
+    caption_tags = (tag_tokens(captions, tag_spans, tokenizer, num_tags, caption_ids) if tagging
                     else [None] * len(captions))
     pairs = [(ids, tags if tags is not None and (tags >= 0).any() else None)
              for ids, tags in zip(caption_ids, caption_tags, strict=True) if ids.size]
