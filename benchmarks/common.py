@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -124,6 +125,30 @@ def cost_flops(program: Any) -> float | None:
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"])
+
+
+_FUSION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? fusion\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def kernel_counts(compiled: Any, modules: Sequence[str] = ("UNet", "T5Encoder")) -> dict[str, int | None]:
+    """The fused kernels of the compiled program, the pieces XLA generates code for one by one (most of
+    XLA:CPU's compile time): all of them, and those not named inside any module of `modules`: the
+    optimizer, EMA, clipping and loss, and the parameters' layout copies, several per parameter. A count,
+    unlike a compile time, does not vary from run to run. None where the backend gives no HLO text."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001 - not every backend prints its program
+        return {"kernels": None, "kernels_outside_modules": None}
+    # Every computation's, not the entry's alone: a loop's body is compiled once, however often it runs.
+    fusions = [line for line in text.splitlines() if _FUSION.match(line)]
+    names = "|".join(map(re.escape, modules))
+    in_module = re.compile(rf"\b(?:{names})\b")
+    outside = 0
+    for line in fusions:
+        name = _OP_NAME.search(line)
+        outside += not (name and in_module.search(name.group(1)))
+    return {"kernels": len(fusions), "kernels_outside_modules": outside}
 
 
 def utilisation(flops_per_second: float | None, device: Any, num_devices: int) -> float | None:

@@ -176,10 +176,12 @@ def benchmark(
         "flops_per_image": flops / b if flops else None,
         "hardware_flops_per_image": hardware_flops / b if hardware_flops else None,
         **compiled_memory(compiled),
+        **common.kernel_counts(compiled),
     }
     print(
         f"compiled in {compile_s.total:.1f} s (tracing + lowering {compile_s.lower:.1f} s, XLA "
-        f"{compile_s.xla:.1f} s); planned {result['planned_bytes']} bytes per device",
+        f"{compile_s.xla:.1f} s; {result['kernels']} kernels, {result['kernels_outside_modules']} outside "
+        f"the models); planned {result['planned_bytes']} bytes per device",
         flush=True,
     )
     if compile_only:
@@ -229,6 +231,7 @@ def main(argv: list[str]) -> None:
             "compile_seconds",
             "lower_seconds",
             "xla_compile_seconds",
+            "kernels",
             "images_per_second",
             "flops_per_image",
             "flops_per_second",

@@ -72,6 +72,23 @@ def test_train_step_benchmark_of_a_scanned_unet_counts_the_unrolled_models_flops
         assert r["compile_seconds"] == pytest.approx(r["lower_seconds"] + r["xla_compile_seconds"])
 
 
+def test_train_step_benchmark_counts_the_kernels_of_the_model_and_of_the_rest():
+    """`kernels` counts the compiled step's fused kernels; stacking the optimizer by shape leaves the
+    model's kernels as they were and runs Adafactor's per-parameter ones once per group of same-shaped
+    parameters, so the step has fewer kernels outside the model."""
+    results = []
+    for stack in (False, True):
+        config = get_config("tiny")
+        config.text.train_jointly = False
+        config.optim.name = "adafactor"
+        config.optim.stack_by_shape = stack
+        results.append(train_step.benchmark(config, "embeddings", iters=0, warmup=0, compile_only=True))
+    per_parameter, stacked = results
+    model = [r["kernels"] - r["kernels_outside_modules"] for r in results]
+    assert model[0] > 100 and model[0] == model[1]
+    assert stacked["kernels_outside_modules"] < per_parameter["kernels_outside_modules"]
+
+
 def test_train_step_benchmark_fit_batch_halves_a_batch_that_does_not_fit(monkeypatch):
     """--fit_batch: a batch whose plan exceeds the device limit is halved and compiled again (without the
     flag the step's memory error stands: tests/test_training.py). CPUs report no limit: the first check
