@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             weight_decay=0.0,
             grad_clip=1.0,
             ema_decay=0.9999,
-            stack_by_shape=True,  # Adafactor's update compiled once per shape
+            stack_by_shape=True,  # the per-parameter work (Adafactor, EMA, clipping) compiled once per shape
         )
     )
     c.train.update(

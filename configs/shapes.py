@@ -234,10 +234,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0
     c.optim.ema_decay = 0.999
     c.optim.ema_warmup = True  # decay = min(ema_decay, (1 + step) / (10 + step))
-    # Run the optimizer once per group of same-shaped parameters (vmapped) rather than once per parameter:
-    # the same arithmetic in a shorter program for the paper's base U-Net (Adafactor's per-parameter update
-    # is long, its parameters many), a longer one for small models. It also decides the layout of the
-    # checkpointed optimizer state, so a run resumes only with the value it started with.
+    # Hold the weights, EMA and optimizer state as one array per group of same-shaped parameters, so the
+    # clipping, optimizer and EMA run once per group rather than once per parameter: the same arithmetic in
+    # a shorter program for the paper's base U-Net (Adafactor's per-parameter update is long, its
+    # parameters many), no shorter for small models. It decides the checkpoint's layout, so a run resumes
+    # only with the value it started with (sampling reads either).
     c.optim.stack_by_shape = False
 
     c.train = ml_collections.ConfigDict()

@@ -73,9 +73,9 @@ def test_train_step_benchmark_of_a_scanned_unet_counts_the_unrolled_models_flops
 
 
 def test_train_step_benchmark_counts_the_kernels_of_the_model_and_of_the_rest():
-    """`kernels` counts the compiled step's fused kernels; stacking the optimizer by shape leaves the
-    model's kernels as they were and runs Adafactor's per-parameter ones once per group of same-shaped
-    parameters, so the step has fewer kernels outside the model."""
+    """`kernels` counts the compiled step's fused kernels. Holding the weights stacked by shape leaves the
+    model's kernels about as they were (the stacks' splits join them) and runs the optimizer, the EMA and
+    the clipping once per group of same-shaped parameters: far fewer kernels outside the model."""
     results = []
     for stack in (False, True):
         config = get_config("tiny")
@@ -85,8 +85,8 @@ def test_train_step_benchmark_counts_the_kernels_of_the_model_and_of_the_rest():
         results.append(train_step.benchmark(config, "embeddings", iters=0, warmup=0, compile_only=True))
     per_parameter, stacked = results
     model = [r["kernels"] - r["kernels_outside_modules"] for r in results]
-    assert model[0] > 100 and model[0] == model[1]
-    assert stacked["kernels_outside_modules"] < per_parameter["kernels_outside_modules"]
+    assert model[0] > 100 and model[1] == pytest.approx(model[0], rel=0.1)
+    assert stacked["kernels_outside_modules"] < 0.5 * per_parameter["kernels_outside_modules"]
 
 
 def test_train_step_benchmark_fit_batch_halves_a_batch_that_does_not_fit(monkeypatch):

@@ -1,6 +1,6 @@
-"""`optim.stack_by_shape`: the optimizer run once per group of same-shaped parameters computes the
-per-parameter optimizer's updates, its state is sharded like the parameters it belongs to, and a run with it
-resumes exactly, but only in the optimizer-state layout it began with."""
+"""`optim.stack_by_shape`: weights, EMA and optimizer state held stacked by shape compute the
+per-parameter optimizer's updates, each stack is sharded like the parameters in it, a run resumes exactly
+but only in the layout it began with, and sampling reads the weights in either."""
 
 import shutil
 
@@ -13,6 +13,7 @@ import pytest
 from configs.shapes import get_config
 from imagen_jax.errors import CheckpointError
 from imagen_jax.stage import build as stage_lib
+from imagen_jax.stage import stacking
 from imagen_jax.training import loop
 from imagen_jax.training import state as state_lib
 
@@ -41,27 +42,29 @@ def test_stacked_optimizer_computes_the_per_parameter_updates(name):
     optim.stack_by_shape = True
     stacked = state_lib.make_optimizer(optim, 10)
 
-    results = []
-    for opt in (plain, stacked):
-        params, state = _params(), opt.init(_params())
-        update = jax.jit(opt.update)
-        for i in range(3):
-            grads = jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)) * 10.0, params)  # the clip engages
-            updates, state = update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-        results.append((params, state))
+    def grads_of(params, i):
+        return jax.tree.map(lambda p: jnp.sin(p * (i + 1)) * 10.0, params)  # the clip engages
 
-    (plain_params, plain_state), (stacked_params, stacked_state) = results
-    for key in plain_params:
-        assert not np.allclose(plain_params[key], _params()[key])
-        np.testing.assert_allclose(stacked_params[key], plain_params[key], rtol=1e-6, atol=1e-7, err_msg=key)
-    grouped = stacked_state[1]
-    assert isinstance(grouped, state_lib.StackedState)
-    assert sorted(map(len, grouped.groups)) == [2, 2, 2]  # three shapes, two parameters each
+    params, state = _params(), plain.init(_params())
+    held = stacking.stack(_params())
+    held_state = stacked.init(held)
+    for i in range(3):
+        updates, state = jax.jit(plain.update)(grads_of(params, i), state, params)
+        params = optax.apply_updates(params, updates)
+        grads = stacking.stack(grads_of(held.unstack(), i))
+        updates, held_state = jax.jit(stacked.update)(grads, held_state, held)
+        held = optax.apply_updates(held, updates)
+
+    assert sorted(map(len, held.groups)) == [2, 2, 2]  # three shapes, two parameters each
+    for key, value in held.unstack().items():
+        assert not np.allclose(params[key], _params()[key])
+        np.testing.assert_allclose(value, params[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    grouped = held_state[1]
+    assert isinstance(grouped, state_lib.StackedState) and len(grouped.inner) == 3
     if name == "adafactor":
         # Each parameter's row and column statistics, stacked: the factoring saw one parameter's shape.
-        proj = plain_state[1][0]
-        factored = [g[0] for g in grouped.inner if g[0].v_row.size > 2]
+        proj = state[1][0]
+        factored = [s[0] for s in grouped.inner if s[0].v_row.size > 2]
         assert [(f.v_row.shape, f.v_col.shape) for f in factored] == [
             ((2, *proj.v_row["proj_a"].shape), (2, *proj.v_col["proj_a"].shape))
         ]
@@ -98,31 +101,33 @@ def test_stacked_state_is_sharded_like_its_parameters_and_resumes_only_in_its_la
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    grouped = whole.opt_state[1]
-    assert isinstance(grouped, state_lib.StackedState)
-    leaves = jax.tree.leaves(whole.params)
-    sharded = 0
-    for group, inner in zip(grouped.groups, grouped.inner, strict=True):
-        param = leaves[group[0]]
-        moment = inner[0].v  # Adafactor's unfactored second moment: the parameters' shape, stacked
-        if len(group) == 1 and moment.ndim == param.ndim:  # a parameter without a twin keeps its own state
-            assert _spec(moment) == _spec(param), group
-            continue
-        if moment.ndim != param.ndim + 1:
-            continue  # factored: a parameter's row and column statistics, small and replicated
-        assert moment.shape == (len(group), *param.shape)
-        assert _spec(moment) == (None, *_spec(param)), group
-        sharded += "fsdp" in jax.tree.leaves(_spec(param))
-    assert sharded >= 5  # the large kernels' groups are split over fsdp, as their parameters are
-
-    # A run resumes only in the optimizer-state layout it began with, and says how.
+    # A run resumes only in the layout it began with, and says how.
     other = _config(tmp_path, shared_compilation_cache, stack_by_shape=False)
     expected = r"optim.stack_by_shape=True.*--config.optim.stack_by_shape=True"
     with pytest.raises(CheckpointError, match=expected):
         loop.train_and_evaluate(other, str(tmp_path / "whole"))
-    # Sampling reads only the EMA weights, which do not depend on that layout.
+    # Sampling reads the EMA weights in either layout.
     stage = stage_lib.load_stage(str(tmp_path / "whole"), config=other)
-    for a, b in zip(
-        jax.tree.leaves(stage.params["unet"]), jax.tree.leaves(whole.ema_params["unet"]), strict=True
-    ):
+    ema = stacking.unstacked(whole.ema_params)["unet"]
+    for a, b in zip(jax.tree.leaves(stage.params["unet"]), jax.tree.leaves(ema), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # Each stack of several parameters is sharded as each of them is in the unstacked layout, with the
+    # new axis unsplit; its Adafactor moment too. A parameter without a twin is held as it is.
+    unstacked_specs = [_spec(s) for s in jax.tree.leaves(stage_lib.params_structs(stage)["unet"])]
+    held = whole.params["unet"]
+    assert isinstance(held, stacking.Stacked) and len(held.stacks) < len(unstacked_specs)
+    before = sum(len(whole.params[part].stacks) for part in whole.params if part < "unet")  # "text"
+    inner = whole.opt_state[1].inner[before:]
+    sharded = 0
+    for group, stack, moments in zip(held.groups, held.stacks, inner, strict=True):
+        spec = unstacked_specs[group[0]]
+        assert all(unstacked_specs[i] == spec for i in group)
+        if len(group) == 1:
+            assert _spec(stack) == spec
+            continue
+        assert stack.shape[0] == len(group) and _spec(stack) == (None, *spec), group
+        if moments[0].v.shape == stack.shape:  # unfactored: the parameters' shape, stacked
+            assert _spec(moments[0].v) == (None, *spec)
+        sharded += "fsdp" in jax.tree.leaves(spec)
+    assert sharded >= 5  # the large kernels' stacks are split over fsdp, as their parameters are

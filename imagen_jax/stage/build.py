@@ -23,7 +23,7 @@ from imagen_jax.errors import ConfigError
 from imagen_jax.models.unet import UNet, convert_layout, unet_from_config
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
-from imagen_jax.stage import checkpoint
+from imagen_jax.stage import checkpoint, stacking
 from imagen_jax.text.build import build_text_encoder
 from imagen_jax.text.encoder import TextEncoder
 
@@ -151,9 +151,13 @@ def abstract_text_params(stage: Stage) -> Any:
     return jax.eval_shape(lambda: stage.text.module.init(jax.random.PRNGKey(0), ids, ids > 0)["params"])
 
 
-def params_structs(stage: Stage) -> Any:
-    """ShapeDtypeStructs with shardings of the stage's weights: the target a checkpoint restores into."""
-    abstract = jax.eval_shape(params_factory(stage, jax.random.PRNGKey(0)), abstract_text_params(stage))
+def params_structs(stage: Stage, stacked: bool = False) -> Any:
+    """ShapeDtypeStructs with shardings of the stage's weights: the target a checkpoint restores into;
+    `stacked`: as a run with `optim.stack_by_shape` holds them (`stacking.stack_parts`)."""
+    make = params_factory(stage, jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(
+        lambda tp: stacking.stack_parts(make(tp)) if stacked else make(tp), abstract_text_params(stage)
+    )
     shardings = mesh_lib.tree_shardings(abstract, stage.mesh, stage.rules)
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract), shardings
@@ -171,7 +175,9 @@ def load_stage(
 ) -> Stage:
     """The stage trained in `workdir` with its EMA (or raw, `use_ema=False`) weights only, from the newest
     checkpoint that verifies (a damaged newer one is named in a warning; an explicit `step` must verify).
-    The config comes from the checkpoint unless given. `scan_blocks` converts the U-Net to the scanned
+    The config comes from the checkpoint unless given; weights stored stacked by shape
+    (`optim.stack_by_shape`) are read in that layout whatever the given config says, and unstacked.
+    `scan_blocks` converts the U-Net to the scanned
     (True) or unrolled (False) form whatever form it trained in (None: as trained). Its samplers compile
     through the run's compilation cache."""
     built: list[Stage] = []
@@ -179,11 +185,11 @@ def load_stage(
 
     def abstract_items(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         built.append(build_stage(cfg, mesh, workdir))
-        return {item: params_structs(built[-1])}
+        return {item: params_structs(built[-1], stacked=bool(cfg.optim.get("stack_by_shape", False)))}
 
     restored, _ = checkpoint.restore_newest_good(workdir, abstract_items, config, step)
     stage = built[-1]
-    params = restored.items[item]
+    params = stacking.unstacked(restored.items[item])
     if scan_blocks is not None and scan_blocks != stage.unet.scan_blocks:
         params = {**params, "unet": convert_layout(params["unet"], stage.unet, scanned=scan_blocks)}
         cfg = stage.config.copy_and_resolve_references()

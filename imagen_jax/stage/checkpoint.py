@@ -329,18 +329,33 @@ def _check_stored_structure(path: str, requested: dict[str, Any]) -> None:
     )
 
 
-def _check_optimizer_layout(
+def _stacked(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.get("optim", {}).get("stack_by_shape", False))
+
+
+def _in_stored_layout(
+    config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """`config` asking for the weights in the layout the checkpoint stores them in (`optim.stack_by_shape`):
+    sampling reads either; resuming training in the other is refused (`_check_state_layout`)."""
+    if _stacked(config) == _stacked(saved):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.optim.stack_by_shape = _stacked(saved)
+    return config
+
+
+def _check_state_layout(
     path: str, saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
 ) -> None:
-    """Refuses resuming with another `optim.stack_by_shape`: the optimizer state is stored in its layout
-    (sampling reads only the weights and is not affected)."""
-    saved_value = bool(saved.get("optim", {}).get("stack_by_shape", False))
-    value = bool(config.optim.get("stack_by_shape", False))
-    if saved_value != value:
+    """Refuses resuming with another `optim.stack_by_shape`: the weights, EMA and optimizer state are
+    stored in its layout (sampling converts the weights and is not affected)."""
+    if _stacked(saved) != _stacked(config):
         raise CheckpointError(
-            f"checkpoint {path} holds optimizer state with optim.stack_by_shape={saved_value}, and the "
-            f"config asks for {value}; the state's layout follows it. Resume with "
-            f"--config.optim.stack_by_shape={saved_value}, or start a new --workdir."
+            f"checkpoint {path} holds its training state with optim.stack_by_shape={_stacked(saved)}, and "
+            f"the config asks for {_stacked(config)}; the state's layout follows it. Resume with "
+            f"--config.optim.stack_by_shape={_stacked(saved)}, or start a new --workdir."
         )
 
 
@@ -394,9 +409,9 @@ def restore_verified(
             f"checkpoint {path} is in the format of an earlier imagen_jax (version {record['version']}, "
             f"this one reads {integrity.DIGEST_VERSION}): train it again with this version."
         )
-    requested = abstract_items(config or saved_config)
+    requested = abstract_items(saved_config if config is None else _in_stored_layout(config, saved_config))
     if config is not None and "train" in requested:
-        _check_optimizer_layout(path, saved_config, config)
+        _check_state_layout(path, saved_config, config)
     _check_stored_structure(path, requested)
     items = {}
     for name, structs in requested.items():

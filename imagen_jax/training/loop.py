@@ -26,7 +26,7 @@ from imagen_jax.data.sources import build_source
 from imagen_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from imagen_jax.parallel import distributed, memory, xla_options
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.stage import checkpoint
+from imagen_jax.stage import checkpoint, stacking
 from imagen_jax.stage.build import Stage, build_stage
 from imagen_jax.stage.images import save_grid, side_by_side, to_uint8
 from imagen_jax.stage.sampling import generate
@@ -110,7 +110,7 @@ def _sample_grid(
     """The EMA model's samples for `prompts`; a super-resolution stage upsamples `lowres` (uint8, one per
     prompt: training examples' inputs, at the crop size when it trains on crops) and the grid shows each
     input beside its sample."""
-    ema_stage = dataclasses.replace(stage, params=state.ema_params)
+    ema_stage = dataclasses.replace(stage, params=stacking.unstacked(state.ema_params))
     images = generate(ema_stage, prompts, rng=jax.random.PRNGKey(seed), lowres=lowres)
     if lowres is not None:
         save_grid(side_by_side([lowres, images]), [p for p in prompts for _ in range(2)], path, columns=8)

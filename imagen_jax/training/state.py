@@ -13,6 +13,7 @@ import optax
 
 from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.stage import stacking
 from imagen_jax.stage.build import Stage, abstract_text_params, params_factory
 
 
@@ -21,7 +22,9 @@ class TrainState:
     """Everything a training step reads and writes; checkpointed as the items of `to_items`.
 
     `params` holds {"unet": ..., "text": ...}; "text" is present only when the text encoder trains jointly
-    (a frozen encoder's weights come from its own source, never from our checkpoints).
+    (a frozen encoder's weights come from its own source, never from our checkpoints). With
+    `optim.stack_by_shape` each part is a `stacking.Stacked` (as is the EMA); `stacking.unstacked` gives
+    the trees the models read.
     """
 
     step: jax.Array
@@ -50,8 +53,9 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """The configured optimizer; with `optim.stack_by_shape` its per-parameter part runs on the parameters
-    stacked by shape (`stacked_by_shape`), after the global-norm clipping, which reads every parameter."""
+    """The configured optimizer; with `optim.stack_by_shape` its per-parameter part runs on weights held
+    stacked by shape (`stacked_by_shape`; the train state is built so), after the global-norm clipping,
+    which reads every parameter."""
     schedule = learning_rate_schedule(optim, num_steps)
     if optim.name == "adamw":
         opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
@@ -68,76 +72,40 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
 
 @flax.struct.dataclass
 class StackedState:
-    """`stacked_by_shape`'s state: the inner optimizer's state per group, stacked along a new first axis
-    (a group of one parameter keeps that parameter's own state, unstacked).
-
-    `groups[i]` lists the flat indices of the parameters in group i; it is static (part of the tree's
-    structure), so a checkpoint restores into the grouping its abstract state was built with.
-    """
+    """`stacked_by_shape`'s state: the inner optimizer's state for each leaf of the weights, which for a
+    stack of several parameters is that of each, stacked along the same first axis."""
 
     inner: tuple[Any, ...]
-    groups: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)
-
-
-def _is_box(x: Any) -> bool:
-    return isinstance(x, nn.Partitioned)
-
-
-def _shape_groups(leaves: list[Any]) -> tuple[tuple[int, ...], ...]:
-    """Flat indices grouped by shape, dtype and logical names (for boxed leaves), in order of first
-    appearance: a group's leaves share one sharding, so stacking them moves no data between devices."""
-    groups: dict[Any, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        value, names = (leaf.value, leaf.names) if _is_box(leaf) else (leaf, None)
-        groups.setdefault((tuple(value.shape), jnp.dtype(value.dtype), names), []).append(i)
-    return tuple(tuple(g) for g in groups.values())
-
-
-def _stack(leaves: list[Any], group: tuple[int, ...]) -> Any:
-    """The group's leaves stacked along a new first axis; a box keeps its names, the new axis unnamed."""
-    first = leaves[group[0]]
-    if _is_box(first):
-        return first.replace(value=jnp.stack([leaves[i].value for i in group]), names=(None, *first.names))
-    return jnp.stack([leaves[i] for i in group])
 
 
 def stacked_by_shape(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`inner` run once per group of same-shaped parameters (vmapped over the group stacked), not once
-    per parameter.
+    """`inner` for weights stacked by shape (`stage.stacking`): vmapped over each stack of several
+    parameters, as it is for a parameter without a twin.
 
     The same arithmetic for any `inner` that treats each parameter on its own (Adam, Adafactor, weight
-    decay; not clipping by the global norm, which must come before). Why: XLA compiles the per-parameter
-    update as separate small programs, and Adafactor's is long; the paper's base U-Net's 680 parameters
-    form 73 groups (docs/benchmarks.md has the compile times). The gradients and parameters are stacked on
-    every step: copies XLA may keep in temporary memory (its plan for the base U-Net's step did not grow).
+    decay; not clipping by the global norm, which must come before): Adafactor factors each parameter's
+    second moment by that parameter's own shape, never the stack's.
     """
 
     def init(params: Any) -> StackedState:
-        leaves = jax.tree.leaves(params, is_leaf=_is_box)
-        groups = _shape_groups(leaves)
-        inner_states = tuple(
-            inner.init(leaves[g[0]]) if len(g) == 1 else jax.vmap(inner.init)(_stack(leaves, g))
-            for g in groups
+        leaves = jax.tree.leaves(params, is_leaf=stacking.is_box)  # boxed: the moments keep the names
+        flags = stacking.stack_flags(params)
+        return StackedState(
+            inner=tuple(
+                jax.vmap(inner.init)(x) if grouped else inner.init(x)
+                for x, grouped in zip(leaves, flags, strict=True)
+            )
         )
-        return StackedState(inner=inner_states, groups=groups)
 
     def update(updates: Any, state: StackedState, params: Any = None) -> tuple[Any, StackedState]:
         grads, treedef = jax.tree.flatten(updates)
         values = jax.tree.leaves(params) if params is not None else [None] * len(grads)
-        new_grads: list[Any] = [None] * len(grads)
-        new_inner = []
-        for group, group_state in zip(state.groups, state.inner, strict=True):
-            if len(group) == 1:  # a parameter without a twin runs as it is: no copies
-                i = group[0]
-                new_grads[i], group_state = inner.update(grads[i], group_state, values[i])
-            else:
-                group_params = None if params is None else _stack(values, group)
-                stacked, group_state = jax.vmap(inner.update)(_stack(grads, group), group_state, group_params)
-                for j, i in enumerate(group):
-                    new_grads[i] = stacked[j]
-            new_inner.append(group_state)
-        new_state = StackedState(inner=tuple(new_inner), groups=state.groups)
-        return jax.tree.unflatten(treedef, new_grads), new_state
+        new_grads, new_inner = [], []
+        for g, s, p, grouped in zip(grads, state.inner, values, stacking.stack_flags(updates), strict=True):
+            g, s = (jax.vmap(inner.update) if grouped else inner.update)(g, s, p)
+            new_grads.append(g)
+            new_inner.append(s)
+        return jax.tree.unflatten(treedef, new_grads), StackedState(inner=tuple(new_inner))
 
     return optax.GradientTransformation(init, update)
 
@@ -151,7 +119,13 @@ def ema_decay(optim: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
     return decay
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def create_train_state(
+    params: Any, optimizer: optax.GradientTransformation, rng: jax.Array, stack_by_shape: bool = False
+) -> TrainState:
+    """A fresh state; with `stack_by_shape` the weights and EMA (and so the optimizer state) are held
+    stacked by shape, each part on its own (`stage.stacking`)."""
+    if stack_by_shape:
+        params = stacking.stack_parts(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -165,7 +139,8 @@ def _state_factory(stage: Stage, optimizer: optax.GradientTransformation, rng: j
     """`make(text_params) -> TrainState` with boxed (logically annotated) parameters."""
     init_rng, state_rng = jax.random.split(rng)
     make_params = params_factory(stage, init_rng)
-    return lambda text_params: create_train_state(make_params(text_params), optimizer, state_rng)
+    stacked = bool(stage.config.optim.get("stack_by_shape", False))
+    return lambda text_params: create_train_state(make_params(text_params), optimizer, state_rng, stacked)
 
 
 def _state_shardings(stage: Stage, make: Any) -> tuple[Any, Any]:
@@ -185,11 +160,13 @@ def init_train_state(
     _, shardings = _state_shardings(stage, make)
     text_params = stage.text.params if stage.config.text.train_jointly else None
     # The encoder's weights come unboxed; boxed as in the abstract state, the optimizer sees the same
-    # logical names here as there (`stacked_by_shape` groups by them).
+    # logical names here as there (`stage.stacking` groups by them).
     boxes = abstract_text_params(stage)
 
     def boxed(tp: Any) -> Any:
-        return jax.tree.map(lambda b, x: b.replace(value=x) if _is_box(b) else x, boxes, tp, is_leaf=_is_box)
+        return jax.tree.map(
+            lambda b, x: b.replace(value=x) if stacking.is_box(b) else x, boxes, tp, is_leaf=stacking.is_box
+        )
 
     state = jax.jit(lambda tp: nn.unbox(make(boxed(tp))), out_shardings=shardings)(text_params)
     return state, shardings

@@ -19,6 +19,7 @@ import optax
 
 from imagen_jax.diffusion import noise_aug, objectives, schedules
 from imagen_jax.models.unet import UNet
+from imagen_jax.stage import stacking
 from imagen_jax.text.encoder import encode_tokens
 from imagen_jax.text.t5 import T5Encoder
 from imagen_jax.training.state import TrainState
@@ -101,6 +102,7 @@ def make_train_step(
 
     def loss_fn(params: Any, frozen: Any, batch: Batch, rng: jax.Array) -> jax.Array:
         k_t, k_eps, k_drop, k_dropout, k_level, k_aug = jax.random.split(rng, 6)
+        params = stacking.unstacked(params)  # weights held stacked by shape (optim.stack_by_shape)
         text_params = params["text"] if joint_text else frozen.get("text")
         emb, mask = text_embeddings(text_module, text_params, batch)
         emb, mask = drop_captions(emb, mask, k_drop, diff.caption_dropout)

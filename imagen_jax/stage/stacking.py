@@ -1,0 +1,99 @@
+"""Weights held stacked by shape (`optim.stack_by_shape`): one array per group of same-shaped parameters.
+
+Why: XLA compiles the work done per parameter (the optimizer's update, the EMA, the clipping's norms) as
+separate kernels for each parameter, and for the paper's base U-Net that work is most of the train step's
+kernels (docs/benchmarks.md). A train state whose weights, EMA and optimizer state are stacked by shape
+runs it once per group. The model still reads one array per parameter: `unstack` splits the stacks inside
+the jitted step, and the gradient arrives stacked again (the transpose of the split is one concatenation).
+
+Groups are leaves with the same shape, dtype and logical axis names, so a stack is sharded like each of
+its parameters, with the new leading axis unsplit: stacking moves no data between devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def is_box(x: Any) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+@flax.struct.dataclass
+class Stacked:
+    """A tree of parameters as one array per group of its leaves, stacked along a new first axis; a leaf
+    without a twin is kept as it is. `groups[i]` lists the flat indices of the leaves in `stacks[i]`;
+    groups and the tree's structure are static, so a checkpoint restores into the grouping its abstract
+    state was built with."""
+
+    stacks: tuple[Any, ...]
+    groups: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)
+    treedef: Any = flax.struct.field(pytree_node=False)
+
+    def unstack(self) -> Any:
+        """The tree of parameters, each its own array again."""
+        leaves: list[Any] = [None] * sum(map(len, self.groups))
+        for group, stack in zip(self.groups, self.stacks, strict=True):
+            if len(group) == 1:
+                leaves[group[0]] = stack
+                continue
+            # lax.split, not indexing: its gradient is one concatenation, not a padded copy per slice.
+            for i, part in zip(group, jax.lax.split(stack, (1,) * len(group)), strict=True):
+                leaves[i] = part.reshape(part.shape[1:])
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+def shape_groups(leaves: list[Any]) -> tuple[tuple[int, ...], ...]:
+    """Flat indices grouped by shape, dtype and logical names (for boxed leaves), in order of first
+    appearance."""
+    groups: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        value, names = (leaf.value, leaf.names) if is_box(leaf) else (leaf, None)
+        groups.setdefault((tuple(value.shape), jnp.dtype(value.dtype), names), []).append(i)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def _stack(leaves: list[Any]) -> Any:
+    """The leaves stacked along a new first axis; boxes keep their names, the new axis unnamed."""
+    if is_box(leaves[0]):
+        values = jnp.stack([leaf.value for leaf in leaves])
+        return leaves[0].replace(value=values, names=(None, *leaves[0].names))
+    return jnp.stack(leaves)
+
+
+def stack(tree: Any) -> Stacked:
+    """`tree`'s leaves (arrays or logical boxes) stacked by shape."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_box)
+    groups = shape_groups(leaves)
+    stacks = tuple(leaves[g[0]] if len(g) == 1 else _stack([leaves[i] for i in g]) for g in groups)
+    return Stacked(stacks=stacks, groups=groups, treedef=treedef)
+
+
+def stack_parts(params: dict[str, Any]) -> dict[str, Stacked]:
+    """Each part of a stage's weights ({"unet": ..., "text": ...}) stacked on its own, so the parts keep
+    their names."""
+    return {name: stack(part) for name, part in params.items()}
+
+
+def unstacked(tree: Any) -> Any:
+    """`tree` with every `Stacked` in it unstacked (a tree without one is returned as it is)."""
+    return jax.tree.map(
+        lambda x: x.unstack() if isinstance(x, Stacked) else x, tree, is_leaf=lambda x: isinstance(x, Stacked)
+    )
+
+
+def stack_flags(tree: Any) -> list[bool]:
+    """For each leaf of `tree` in flattening order (a box counts as one leaf): whether it is a stack of
+    several parameters (True) or one parameter as it is (False)."""
+    flags: list[bool] = []
+    for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Stacked) or is_box(x)):
+        if isinstance(node, Stacked):
+            flags += [len(g) > 1 for g in node.groups]
+        else:
+            flags.append(False)
+    return flags
