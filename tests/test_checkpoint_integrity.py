@@ -18,7 +18,7 @@ from configs.shapes import get_config
 from imagen_jax.errors import CheckpointDamagedError, CheckpointError, NonFiniteError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
-from imagen_jax.stage import checkpoint, integrity, sampling
+from imagen_jax.stage import checkpoint, integrity, sampling, stacking
 from imagen_jax.training import loop
 from imagen_jax.training import state as state_lib
 from imagen_jax.training.state import TrainState, make_optimizer
@@ -90,6 +90,18 @@ def test_digests_name_the_non_finite_arrays():
     }
     _, nonfinite = integrity.digest_tree(tree)
     assert sorted(nonfinite) == ["inf", "nan"]
+
+
+def test_a_stack_of_parameters_holding_nan_is_named_by_them():
+    """Weights held stacked by shape (`optim.stack_by_shape`): the refusal names the parameters a stack
+    holds, not only its index."""
+    bad = jnp.array([[jnp.nan, 1.0], [1.0, 1.0]])
+    held = stacking.stack({"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": bad}, "c": jnp.ones(3)})
+    tree = {"unet": held}
+    _, nonfinite = integrity.digest_tree(tree)
+    readable = integrity.readable_paths(tree)
+    assert [readable.get(path, path) for path in nonfinite] == ["unet/stacks/0 (a/kernel and 1 more)"]
+    assert readable["unet/stacks/1"] == "unet/stacks/1 (c)"
 
 
 # --- damaged checkpoints ---------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ class CheckpointWriter:
         digests, nonfinite = {}, []
         for name, tree in arrays.items():
             digests[name], bad = integrity.digest_tree(tree)
-            nonfinite += [f"{name}/{path}" for path in bad]
+            readable = integrity.readable_paths(tree)
+            nonfinite += [f"{name}/{readable.get(path, path)}" for path in bad]
         if nonfinite:
             good = self.last_good_step()
             shown = ", ".join(nonfinite[:4]) + (

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from imagen_jax.stage import stacking
+
 DIGEST_VERSION = 2  # 2: digests per checkpoint item (params, ema_params, train)
 MANIFEST_PREFIX = "files.process_"
 
@@ -71,6 +73,23 @@ def leaf_paths(tree: Any) -> list[str]:
     """'params/unet/Conv_0/kernel'-style names of the leaves of `tree`, in leaf order."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
     return ["/".join(_key_name(k) for k in path) for path, _ in paths]
+
+
+def readable_paths(tree: Any) -> dict[str, str]:
+    """{`leaf_paths` name of a stack of parameters (`stacking.Stacked`): that name with the parameters the
+    stack holds}, e.g. 'unet/stacks/3' -> 'unet/stacks/3 (down0_0_res/conv1/kernel and 5 more)', for
+    messages; the digests keep the plain names, which are the tree Orbax stores."""
+    out = {}
+    is_stacked = lambda x: isinstance(x, stacking.Stacked)  # noqa: E731
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_stacked)[0]:
+        if not is_stacked(node):
+            continue
+        prefix = "/".join(_key_name(k) for k in path)
+        names = leaf_paths(jax.tree.unflatten(node.treedef, range(sum(map(len, node.groups)))))
+        for i, group in enumerate(node.groups):
+            more = f" and {len(group) - 1} more" if len(group) > 1 else ""
+            out[f"{prefix}/stacks/{i}"] = f"{prefix}/stacks/{i} ({names[group[0]]}{more})"
+    return out
 
 
 def _key_name(key: Any) -> str:
