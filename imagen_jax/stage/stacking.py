@@ -42,13 +42,13 @@ class Stacked:
             if len(group) == 1:
                 leaves[group[0]] = stack
                 continue
-            # lax.split, not indexing: its gradient is one concatenation, not a padded copy per slice.
+            # lax.split: its transpose, which the gradient takes, is one concatenation of the parts.
             for i, part in zip(group, jax.lax.split(stack, (1,) * len(group)), strict=True):
                 leaves[i] = part.reshape(part.shape[1:])
         return jax.tree.unflatten(self.treedef, leaves)
 
 
-def shape_groups(leaves: list[Any]) -> tuple[tuple[int, ...], ...]:
+def _shape_groups(leaves: list[Any]) -> tuple[tuple[int, ...], ...]:
     """Flat indices grouped by shape, dtype and logical names (for boxed leaves), in order of first
     appearance."""
     groups: dict[Any, list[int]] = {}
@@ -69,7 +69,7 @@ def _stack(leaves: list[Any]) -> Any:
 def stack(tree: Any) -> Stacked:
     """`tree`'s leaves (arrays or logical boxes) stacked by shape."""
     leaves, treedef = jax.tree.flatten(tree, is_leaf=is_box)
-    groups = shape_groups(leaves)
+    groups = _shape_groups(leaves)
     stacks = tuple(leaves[g[0]] if len(g) == 1 else _stack([leaves[i] for i in g]) for g in groups)
     return Stacked(stacks=stacks, groups=groups, treedef=treedef)
 
