@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -17,6 +18,7 @@ from imagen_jax.evaluation.shapes_scorer import score_batch
 from imagen_jax.parallel import memory
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import sampling as stage_sampling
+from imagen_jax.stage import stacking
 from imagen_jax.training import state as state_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -70,23 +72,25 @@ def test_train_step_benchmark_of_a_scanned_unet_counts_the_unrolled_models_flops
     assert scanned["hardware_flops_per_image"] < 0.99 * scanned["flops_per_image"]
     for r in results:
         assert r["compile_seconds"] == pytest.approx(r["lower_seconds"] + r["xla_compile_seconds"])
+        assert 100 < r["kernels"] - r["kernels_outside_modules"] < r["kernels"]  # the U-Net's and the rest
 
 
-def test_train_step_benchmark_counts_the_kernels_of_the_model_and_of_the_rest():
-    """`kernels` counts the compiled step's fused kernels. Holding the weights stacked by shape leaves the
-    model's kernels about as they were (the stacks' splits join them) and runs the optimizer, the EMA and
-    the clipping once per group of same-shaped parameters: far fewer kernels outside the model."""
-    results = []
-    for stack in (False, True):
-        config = get_config("tiny")
-        config.text.train_jointly = False
-        config.optim.name = "adafactor"
-        config.optim.stack_by_shape = stack
-        results.append(train_step.benchmark(config, "embeddings", iters=0, warmup=0, compile_only=True))
-    per_parameter, stacked = results
-    model = [r["kernels"] - r["kernels_outside_modules"] for r in results]
-    assert model[0] > 100 and model[1] == pytest.approx(model[0], rel=0.1)
-    assert stacked["kernels_outside_modules"] < 0.5 * per_parameter["kernels_outside_modules"]
+def test_kernel_counts_fall_when_the_per_parameter_work_runs_once_per_shape():
+    """`common.kernel_counts` counts the compiled program's fused kernels: AdamW's update of eight
+    same-shaped parameters has fewer of them held stacked by shape (`stage.stacking`) than one by one;
+    none is inside a module."""
+    optim = get_config("tiny").optim
+    plain = state_lib.make_optimizer(optim, 10)
+    optim.stack_by_shape = True
+    stacked = state_lib.make_optimizer(optim, 10)
+    params = {f"p{i}": jnp.full((16, 16), float(i)) for i in range(8)}
+    counts = []
+    for opt, tree in ((plain, params), (stacked, stacking.stack(params))):
+        compiled = jax.jit(opt.update).lower(tree, opt.init(tree), tree).compile()
+        counts.append(common.kernel_counts(compiled))
+    per_parameter, held = counts
+    assert held["kernels"] < per_parameter["kernels"]
+    assert all(c["kernels_outside_modules"] == c["kernels"] > 0 for c in counts)
 
 
 def test_train_step_benchmark_fit_batch_halves_a_batch_that_does_not_fit(monkeypatch):
