@@ -185,7 +185,7 @@ def load_stage(
 
     def abstract_items(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         built.append(build_stage(cfg, mesh, workdir))
-        return {item: params_structs(built[-1], stacked=bool(cfg.optim.get("stack_by_shape", False)))}
+        return {item: params_structs(built[-1], stacked=stacking.enabled(cfg))}
 
     restored, _ = checkpoint.restore_newest_good(workdir, abstract_items, config, step)
     stage = built[-1]

@@ -45,7 +45,7 @@ from imagen_jax.errors import (
     NonFiniteError,
 )
 from imagen_jax.parallel import distributed
-from imagen_jax.stage import integrity
+from imagen_jax.stage import integrity, stacking
 
 log = logging.getLogger("imagen_jax")
 
@@ -330,20 +330,16 @@ def _check_stored_structure(path: str, requested: dict[str, Any]) -> None:
     )
 
 
-def _stacked(config: ml_collections.ConfigDict) -> bool:
-    return bool(config.get("optim", {}).get("stack_by_shape", False))
-
-
 def _in_stored_layout(
     config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict
 ) -> ml_collections.ConfigDict:
     """`config` asking for the weights in the layout the checkpoint stores them in (`optim.stack_by_shape`):
     sampling reads either; resuming training in the other is refused (`_check_state_layout`)."""
-    if _stacked(config) == _stacked(saved):
+    if stacking.enabled(config) == stacking.enabled(saved):
         return config
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.optim.stack_by_shape = _stacked(saved)
+        config.optim.stack_by_shape = stacking.enabled(saved)
     return config
 
 
@@ -352,11 +348,12 @@ def _check_state_layout(
 ) -> None:
     """Refuses resuming with another `optim.stack_by_shape`: the weights, EMA and optimizer state are
     stored in its layout (sampling converts the weights and is not affected)."""
-    if _stacked(saved) != _stacked(config):
+    stored, asked = stacking.enabled(saved), stacking.enabled(config)
+    if stored != asked:
         raise CheckpointError(
-            f"checkpoint {path} holds its training state with optim.stack_by_shape={_stacked(saved)}, and "
-            f"the config asks for {_stacked(config)}; the state's layout follows it. Resume with "
-            f"--config.optim.stack_by_shape={_stacked(saved)}, or start a new --workdir."
+            f"checkpoint {path} holds its training state with optim.stack_by_shape={stored}, and the config "
+            f"asks for {asked}; the state's layout follows it. Resume with "
+            f"--config.optim.stack_by_shape={stored}, or start a new --workdir."
         )
 
 

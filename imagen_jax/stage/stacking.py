@@ -20,6 +20,11 @@ import jax
 import jax.numpy as jnp
 
 
+def enabled(config: Any) -> bool:
+    """Whether `config` (a stage config or its JSON dict) holds the train state stacked by shape."""
+    return bool(config.get("optim", {}).get("stack_by_shape", False))
+
+
 def is_box(x: Any) -> bool:
     return isinstance(x, nn.Partitioned)
 

@@ -139,7 +139,7 @@ def _state_factory(stage: Stage, optimizer: optax.GradientTransformation, rng: j
     """`make(text_params) -> TrainState` with boxed (logically annotated) parameters."""
     init_rng, state_rng = jax.random.split(rng)
     make_params = params_factory(stage, init_rng)
-    stacked = bool(stage.config.optim.get("stack_by_shape", False))
+    stacked = stacking.enabled(stage.config)
     return lambda text_params: create_train_state(make_params(text_params), optimizer, state_rng, stacked)
 
 
