@@ -2,8 +2,13 @@
 
 import os
 
+# LLVM's optimisation level 0: the tests' tiny programs spend far longer compiling than running, and
+# unoptimised kernels compile ~25% faster (docs/benchmarks.md has the same option on real models: it makes
+# them step much slower, so no config sets it). A user's own XLA_FLAGS come first and can override it.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    "--xla_backend_optimization_level=0 "
+    + os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
