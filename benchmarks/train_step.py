@@ -195,8 +195,8 @@ def benchmark(
         jax.block_until_ready(metrics["loss"])
 
     step_s, times = common.median_seconds(one_step, iters=iters, warmup=warmup)
-    if profile_dir:  # a few more steps under the profiler (TensorBoard's profile tab / Perfetto)
-        with jax.profiler.trace(profile_dir):
+    if profile_dir:  # a few more steps under the profiler: TensorBoard's profile tab, or ui.perfetto.dev
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             for _ in range(3):
                 one_step()
     achieved = flops / step_s if flops else None

@@ -2,6 +2,8 @@
 here; targets live in benchmarks/ and README), the MFU peak table, and the imagen-pytorch spec mapping."""
 
 import dataclasses
+import gzip
+import json
 import pathlib
 import sys
 
@@ -32,11 +34,17 @@ import train_step  # noqa: E402
 import vs_imagen_pytorch  # noqa: E402
 
 
-def test_train_step_benchmark_reports_flops_and_rate():
+def test_train_step_benchmark_reports_flops_and_rate(tmp_path):
     config = get_config("tiny")
     config.text.train_jointly = False
-    result = train_step.benchmark(config, "embeddings", iters=2, warmup=1)
+    result = train_step.benchmark(config, "embeddings", iters=2, warmup=1, profile_dir=str(tmp_path))
     assert result["images_per_second"] > 0
+    # The profile opens in TensorBoard (xplane) and in ui.perfetto.dev, and names the step's kernels.
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+    (perfetto,) = tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz")
+    events = json.loads(gzip.decompress(perfetto.read_bytes()))
+    names = {e.get("name", "") for e in (events["traceEvents"] if isinstance(events, dict) else events)}
+    assert any(name.endswith("_fusion") or "fusion." in name for name in names), sorted(names)[:20]
     # XLA's count for forward + backward + AdamW must exceed 3x the forward's U-Net parameter MACs.
     assert result["flops_per_image"] > 2 * 3 * result["unet_params"]
     assert result["mfu"] is None  # CPU: FLOP/s only
