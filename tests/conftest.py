@@ -3,8 +3,8 @@
 import os
 
 # LLVM's optimisation level 0: the tests' tiny programs spend far longer compiling than running, and
-# unoptimised kernels compile ~25% faster (docs/benchmarks.md has the same option on real models: it makes
-# them step much slower, so no config sets it). A user's own XLA_FLAGS come first and can override it.
+# unoptimised kernels compile faster (README gives the suite's time). On real models it makes the step much
+# slower (docs/benchmarks.md), so no config sets it. A user's own XLA_FLAGS follow it; the last value wins.
 os.environ["XLA_FLAGS"] = (
     "--xla_backend_optimization_level=0 "
     + os.environ.get("XLA_FLAGS", "")
