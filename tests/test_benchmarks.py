@@ -42,8 +42,7 @@ def test_train_step_benchmark_reports_flops_and_rate(tmp_path):
     # The profile opens in TensorBoard (xplane) and in ui.perfetto.dev, and names the step's kernels.
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
     (perfetto,) = tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz")
-    events = json.loads(gzip.decompress(perfetto.read_bytes()))
-    names = {e.get("name", "") for e in (events["traceEvents"] if isinstance(events, dict) else events)}
+    names = {e.get("name", "") for e in json.loads(gzip.decompress(perfetto.read_bytes()))["traceEvents"]}
     assert any(name.endswith("_fusion") or "fusion." in name for name in names), sorted(names)[:20]
     # XLA's count for forward + backward + AdamW must exceed 3x the forward's U-Net parameter MACs.
     assert result["flops_per_image"] > 2 * 3 * result["unet_params"]
