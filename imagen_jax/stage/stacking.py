@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.parallel import axes
+
 
 def enabled(config: Any) -> bool:
     """Whether `config` (a stage config or its JSON dict) holds the train state stacked by shape."""
@@ -92,13 +94,23 @@ def unstacked(tree: Any) -> Any:
     )
 
 
-def stack_flags(tree: Any) -> list[bool]:
-    """For each leaf of `tree` in flattening order (a box counts as one leaf): whether it is a stack of
-    several parameters (True) or one parameter as it is (False)."""
-    flags: list[bool] = []
+def _layers_axis(leaf: Any, at: int) -> int:
+    """1 if axis `at` of the (boxed) leaf is a scanned run's `layers` axis, else 0."""
+    names = leaf.names if is_box(leaf) else ()
+    return int(len(names) > at and names[at] == axes.LAYERS)
+
+
+def stacked_axes(tree: Any) -> list[int]:
+    """For each leaf of `tree` in flattening order (a box counts as one leaf): how many of its leading axes
+    stack several parameters. A group of `Stacked` adds one; a scanned run's parameters (their first
+    logical name is `layers`) add one more. Scanned parameters are known only by that name, so `tree`
+    must be boxed for them to count."""
+    counts: list[int] = []
     for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Stacked) or is_box(x)):
-        if isinstance(node, Stacked):
-            flags += [len(g) > 1 for g in node.groups]
-        else:
-            flags.append(False)
-    return flags
+        if not isinstance(node, Stacked):
+            counts.append(_layers_axis(node, 0))
+            continue
+        for group, leaf in zip(node.groups, node.stacks, strict=True):
+            grouped = int(len(group) > 1)
+            counts.append(grouped + _layers_axis(leaf, grouped))
+    return counts

@@ -53,9 +53,8 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """The configured optimizer; with `optim.stack_by_shape` its per-parameter part runs on weights held
-    stacked by shape (`stacked_by_shape`; the train state is built so), after the global-norm clipping,
-    which reads every parameter."""
+    """The configured optimizer, run on each parameter on its own (`per_parameter`) also where the train
+    state holds several in one array, after the global-norm clipping, which reads every parameter."""
     schedule = learning_rate_schedule(optim, num_steps)
     if optim.name == "adamw":
         opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
@@ -63,49 +62,64 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
         opt = optax.adafactor(schedule, weight_decay_rate=optim.weight_decay or None)
     else:
         raise ConfigError(f"config.optim.name={optim.name!r}: use 'adamw' or 'adafactor'.")
-    if optim.get("stack_by_shape", False):
-        opt = stacked_by_shape(opt)
+    opt = per_parameter(opt)
     if optim.grad_clip:
         opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
     return opt
 
 
 @flax.struct.dataclass
-class StackedState:
-    """`stacked_by_shape`'s state: the inner optimizer's state for each leaf of the weights, which for a
-    stack of several parameters is that of each, stacked along the same first axis."""
+class PerParameterState:
+    """`per_parameter`'s state: the inner optimizer's state for each leaf of the weights; for a leaf that
+    holds several parameters, that of each, stacked along the same leading axes (`stacked_axes` of
+    them)."""
 
     inner: tuple[Any, ...]
+    stacked_axes: tuple[int, ...] = flax.struct.field(pytree_node=False)
 
 
-def stacked_by_shape(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`inner` for weights stacked by shape (`stage.stacking`): vmapped over each stack of several
-    parameters, as it is for a parameter without a twin.
+def _vmapped(fn: Any, times: int) -> Any:
+    for _ in range(times):
+        fn = jax.vmap(fn)
+    return fn
 
-    The same arithmetic for any `inner` that treats each parameter on its own (Adam, Adafactor, weight
-    decay; not clipping by the global norm, which must come before): Adafactor factors each parameter's
-    second moment by that parameter's own shape, never the stack's.
+
+def per_parameter(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run on each parameter on its own, also where one array holds several: vmapped over the
+    leading axes that stack parameters (`stacking.stacked_axes`: the group axis of weights held stacked by
+    shape, `optim.stack_by_shape`, and the `layers` axis of a scanned run of blocks, `model.scan_blocks`).
+    Where no array holds more than one parameter, the state is `inner`'s own.
+
+    Adafactor needs this: it factors each parameter's second moment by that parameter's shape, and clips
+    and scales its update by that parameter's RMS. Run on a stack of blocks it would mix their statistics
+    and train differently from the unrolled model. Elementwise optimizers (Adam, weight decay) give the
+    same numbers either way. Clipping by the global norm reads every parameter and must come before.
+
+    `init` must see the logically boxed parameters, as the train state builds them: the `layers` name is
+    what marks a scanned parameter's stacking axis.
     """
 
-    def init(params: Any) -> StackedState:
+    def init(params: Any) -> Any:
+        axes_per_leaf = stacking.stacked_axes(params)
+        if not any(axes_per_leaf):
+            return inner.init(params)
         leaves = jax.tree.leaves(params, is_leaf=stacking.is_box)  # boxed: the moments keep the names
-        flags = stacking.stack_flags(params)
-        return StackedState(
-            inner=tuple(
-                jax.vmap(inner.init)(x) if grouped else inner.init(x)
-                for x, grouped in zip(leaves, flags, strict=True)
-            )
+        return PerParameterState(
+            inner=tuple(_vmapped(inner.init, n)(x) for x, n in zip(leaves, axes_per_leaf, strict=True)),
+            stacked_axes=tuple(axes_per_leaf),
         )
 
-    def update(updates: Any, state: StackedState, params: Any = None) -> tuple[Any, StackedState]:
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if not isinstance(state, PerParameterState):
+            return inner.update(updates, state, params)
         grads, treedef = jax.tree.flatten(updates)
         values = jax.tree.leaves(params) if params is not None else [None] * len(grads)
         new_grads, new_inner = [], []
-        for g, s, p, grouped in zip(grads, state.inner, values, stacking.stack_flags(updates), strict=True):
-            g, s = (jax.vmap(inner.update) if grouped else inner.update)(g, s, p)
+        for g, s, p, n in zip(grads, state.inner, values, state.stacked_axes, strict=True):
+            g, s = _vmapped(inner.update, n)(g, s, p)
             new_grads.append(g)
             new_inner.append(s)
-        return jax.tree.unflatten(treedef, new_grads), StackedState(inner=tuple(new_inner))
+        return jax.tree.unflatten(treedef, new_grads), state.replace(inner=tuple(new_inner))
 
     return optax.GradientTransformation(init, update)
 
