@@ -75,6 +75,30 @@ def test_stacked_optimizer_computes_the_per_parameter_updates(name):
         assert proj.v_row["proj_a"].size > 1 and proj.v_col["proj_a"].size > 1
 
 
+def test_a_scanned_stage_starts_from_the_unrolled_weights():
+    """The same seed gives a scanned U-Net the unrolled one's weights, stacked, boxed with the scanned
+    model's own logical names: with `scan_blocks` only the program differs."""
+    config = get_config("tiny")
+    config.text.train_jointly = False
+    config.model.num_res_blocks = 2
+    unrolled = stage_lib.build_stage(config)
+    config.model.scan_blocks = True
+    scanned = stage_lib.build_stage(config)
+    key = jax.random.PRNGKey(3)
+    weights = [jax.jit(stage_lib.params_factory(s, key))(None)["unet"] for s in (unrolled, scanned)]
+    args, kwargs = stage_lib.unet_inputs(scanned)
+    own = jax.eval_shape(lambda: scanned.unet.init(key, *args, **kwargs)["params"])
+
+    def layout(tree):
+        return jax.tree.map(lambda b: (b.value.shape, b.names), tree, is_leaf=stacking.is_box)
+
+    assert layout(weights[1]) == layout(own)
+    stacked = convert_layout(nn.unbox(weights[0]), scanned.unet, scanned=True)
+    assert any(name.endswith("to1") for name in stacked)  # runs of two blocks, stacked
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(nn.unbox(weights[1])), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _trained_unet(config, unet_params, steps=3):
     """`steps` train steps of `config`'s stage on one batch from the unrolled U-Net weights `unet_params`
     (converted to the stage's layout): the U-Net's weights after them, unrolled and unstacked, and the

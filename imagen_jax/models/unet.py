@@ -492,10 +492,29 @@ def unet_from_config(model_config: ml_collections.ConfigDict) -> UNet:
     return UNet(**kwargs)
 
 
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def _stacked_blocks(*blocks: Any) -> Any:
+    """One run's block parameters stacked along a leading axis; logical boxes gain the `layers` name."""
+    if _is_box(blocks[0]):
+        values = jnp.stack([b.value for b in blocks])
+        return blocks[0].replace(value=values, names=(axes.LAYERS, *blocks[0].names))
+    return jnp.stack(blocks)
+
+
+def _block_of(stacked: Any, i: int) -> Any:
+    if _is_box(stacked):
+        return stacked.replace(value=stacked.value[i], names=stacked.names[1:])
+    return stacked[i]
+
+
 def convert_layout(params: dict[str, Any], unet: UNet, *, scanned: bool) -> dict[str, Any]:
-    """The U-Net's parameters (`{"conv_in": ..., ...}`) in the scanned layout (each run of identical
-    blocks under one name, stacked along a leading axis) or the unrolled one (one entry per block part),
-    from either layout; the values are the same arrays, so both forms compute the same function."""
+    """The U-Net's parameters (`{"conv_in": ..., ...}`, arrays or logical boxes) in the scanned layout (each
+    run of identical blocks under one name, stacked along a leading `layers` axis) or the unrolled one (one
+    entry per block part), from either layout; the values are the same arrays, so both forms compute the
+    same function."""
     out = dict(params)
     for run in unet.block_runs():
         if run.count < 2:
@@ -504,11 +523,12 @@ def convert_layout(params: dict[str, Any], unet: UNet, *, scanned: bool) -> dict
         if scanned and run.scan_name not in out:
             parts = [part for part in BLOCK_PARTS if f"{names[0]}_{part}" in out]
             out[run.scan_name] = {
-                part: jax.tree.map(lambda *xs: jnp.stack(xs), *[out.pop(f"{n}_{part}") for n in names])
+                part: jax.tree.map(_stacked_blocks, *[out.pop(f"{n}_{part}") for n in names], is_leaf=_is_box)
                 for part in parts
             }
         elif not scanned and run.scan_name in out:
             for part, stacked in out.pop(run.scan_name).items():
                 for i, name in enumerate(names):
-                    out[f"{name}_{part}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+                    block = jax.tree.map(lambda x, i=i: _block_of(x, i), stacked, is_leaf=_is_box)
+                    out[f"{name}_{part}"] = block
     return out

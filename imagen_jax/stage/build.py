@@ -131,11 +131,16 @@ def params_factory(stage: Stage, rng: jax.Array) -> Callable[[Any], Any]:
 
     Boxed (logically annotated), so callers derive shardings from `jax.eval_shape(make, ...)` and create
     the arrays inside one jit with those `out_shardings`, never as an unsharded copy.
+
+    A scanned U-Net gets the unrolled one's weights for the same `rng`, stacked (`nn.scan` would draw each
+    block's from other random streams): `model.scan_blocks` changes the program, not the run.
     """
+    unrolled = stage.unet.clone(scan_blocks=False)
 
     def make(text_params: Any) -> Any:
         args, kwargs = unet_inputs(stage)
-        params = {"unet": stage.unet.init(rng, *args, **kwargs)["params"]}
+        unet = unrolled.init(rng, *args, **kwargs)["params"]
+        params = {"unet": convert_layout(unet, stage.unet, scanned=stage.unet.scan_blocks)}
         if stage.config.text.train_jointly:
             params["text"] = text_params
         return params
