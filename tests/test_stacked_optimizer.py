@@ -13,13 +13,14 @@ import optax
 import pytest
 
 from configs.shapes import get_config
-from imagen_jax.data.shapes import make_example
 from imagen_jax.errors import CheckpointError
 from imagen_jax.models.unet import convert_layout
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import stacking
 from imagen_jax.training import loop
 from imagen_jax.training import state as state_lib
+from tests.test_training import _batch
+from tests.test_unet import _perturbed
 
 FSDP_MESH = (("data", 2), ("fsdp", 4), ("tensor", 1))
 
@@ -116,11 +117,7 @@ def _trained_unet(config, unet_params, steps=3):
         return nn.unbox(state_lib.create_train_state(boxed, optimizer, jax.random.PRNGKey(1), stacked))
 
     state = create(weights)
-    examples = [make_example(0, "train", i, config.data.resolution) for i in range(4)]
-    batch = {
-        "image": np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0,
-        **stage.text.tokenizer([e["caption"] for e in examples]),
-    }
+    batch = _batch(stage, size=4, res=config.data.resolution)
     step = jax.jit(loop.train_step_fn(config, stage, optimizer))
     for _ in range(steps):
         state, _ = step(state, batch, loop.frozen_inputs(config, stage))
@@ -139,10 +136,8 @@ def test_scanned_blocks_train_as_the_unrolled_model():
     config.model.num_res_blocks = 2  # two identical blocks a level: runs `scan_blocks` stacks
     config.optim.update({"name": "adafactor", "warmup_steps": 1})
     stage = stage_lib.build_stage(config)
-    init = nn.unbox(jax.jit(stage_lib.params_factory(stage, jax.random.PRNGKey(0)))(None))["unet"]
     # Off the zero-initialised output layers, so that every parameter has a gradient from the start.
-    noise = np.random.default_rng(0)
-    init = jax.tree.map(lambda x: x + 0.05 * noise.standard_normal(x.shape).astype(x.dtype), init)
+    init = _perturbed(jax.jit(stage_lib.params_factory(stage, jax.random.PRNGKey(0)))(None)["unet"], seed=0)
     reference, plain_state = _trained_unet(config, init)
     config.model.scan_blocks = True
     config.optim.stack_by_shape = True
