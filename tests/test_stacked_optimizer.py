@@ -110,7 +110,10 @@ def _trained_unet(config, unet_params, steps=3):
     boxes = jax.eval_shape(stage_lib.params_factory(stage, jax.random.PRNGKey(0)), None)
     weights = {"unet": convert_layout(unet_params, stage.unet, scanned=config.model.scan_blocks)}
 
-    @jax.jit
+    # On the stage's mesh, as the step returns it: a state on one device would compile the step twice.
+    _, shardings = state_lib.abstract_train_state(stage, optimizer)
+
+    @jax.jit(out_shardings=shardings)
     def create(weights):
         boxed = jax.tree.map(lambda b, x: b.replace(value=x), boxes, weights, is_leaf=stacking.is_box)
         stacked = config.optim.stack_by_shape

@@ -81,9 +81,23 @@ def damaged_dir(workdir: PathLike) -> str:
     return str(_base(workdir) / "checkpoints_damaged")
 
 
+# Orbax saves an array replicated over R devices as R slices, one per replica, each cut by its own eager
+# dispatch on the host before the save returns. Below this size per slice the cuts cost more than the
+# parallel writes save (docs/benchmarks.md); larger arrays are still written in parallel slices.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_array_handler() -> None:
+    """Registers Orbax's array handler with `MIN_REPLICA_SLICE_BYTES` (process-wide: Orbax's `StandardSave`
+    takes its handlers only from its global registry). The checkpoint format is unchanged."""
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 def make_manager(workdir: PathLike, *, create: bool = True) -> ocp.CheckpointManager:
     # No max_to_keep: `CheckpointWriter` prunes, so that retention can wait for read-back verification.
     options = ocp.CheckpointManagerOptions(create=create)
+    _use_array_handler()
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
