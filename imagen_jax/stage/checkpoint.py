@@ -89,8 +89,15 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 def _use_array_handler() -> None:
     """Registers Orbax's array handler with `MIN_REPLICA_SLICE_BYTES` (process-wide: Orbax's `StandardSave`
-    takes its handlers only from its global registry). The checkpoint format is unchanged."""
-    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    takes its handlers only from its global registry). It keeps the default handler's array metadata
+    store, so the same files are written."""
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(current, "_min_slice_bytes_for_replica_parallel", None) == MIN_REPLICA_SLICE_BYTES:
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=current._array_metadata_store,
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+    )
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
