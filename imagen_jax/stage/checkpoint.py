@@ -83,7 +83,7 @@ def damaged_dir(workdir: PathLike) -> str:
 
 # Orbax saves an array replicated over R devices as R slices, one per replica, each cut by its own eager
 # dispatch on the host before the save returns. Below this size per slice the cuts cost more than the
-# parallel writes save (docs/benchmarks.md); larger arrays are still written in parallel slices.
+# parallel writes save (docs/robustness.md); larger arrays are still written in parallel slices.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
