@@ -12,7 +12,9 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs.shapes import get_config
 from imagen_jax.errors import CheckpointDamagedError, CheckpointError, NonFiniteError
@@ -326,3 +328,29 @@ def test_retention_keeps_the_last_read_back_checkpoint_until_a_newer_one_is(tmp_
     writer.close()
     # 2 is the newest read-back checkpoint and 3 failed its read-back: both stay; 1 goes.
     assert list(checkpoint.make_manager(str(tmp_path), create=False).all_steps()) == [2, 3]
+
+
+def test_a_replicated_array_is_cut_into_replica_slices_only_when_they_are_large(tmp_path, monkeypatch):
+    """Orbax writes an array replicated over the devices as one slice per replica, each cut by an eager
+    dispatch before `save()` returns: for small arrays the cuts were nearly all of the save's time
+    (docs/robustness.md). Under `MIN_REPLICA_SLICE_BYTES` a replica the array is written whole."""
+    devices = jax.devices()
+    replicated = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec())
+    rows = checkpoint.MIN_REPLICA_SLICE_BYTES * len(devices) // (4 * 256)  # one MiB a replica, float32
+    arrays = {"small": jnp.ones((len(devices), 256)), "large": jnp.ones((rows, 256))}
+    arrays = jax.device_put(arrays, replicated)
+    cuts = []
+    real_slice = jax.lax.slice_in_dim
+
+    def counted_slice(x, *args, **kwargs):
+        cuts.append(x.shape)
+        return real_slice(x, *args, **kwargs)
+
+    monkeypatch.setattr(jax.lax, "slice_in_dim", counted_slice)
+    manager = checkpoint.make_manager(tmp_path)
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(arrays)))
+    manager.wait_until_finished()
+    assert cuts == [(rows, 256)] * len(devices)  # the large array in 8 slices, the small one whole
+    restored = manager.restore(0, args=ocp.args.Composite(params=ocp.args.StandardRestore(arrays)))
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(np.asarray(restored["params"][name]), np.asarray(value))
