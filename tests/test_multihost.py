@@ -26,13 +26,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return dict(
-        env,
-        PYTHONPATH=str(ROOT),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
+    # conftest's XLA flags (the tests' faster-compiling LLVM level) with this process's device count
+    # appended: XLA takes the last value of a flag.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
 
 
 def _run(root, name, mode, processes=2, num_steps=NUM_STEPS, timeout=600):
