@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: a resumed run, and sample.py on its workdir, load the compiled
     # train step and samplers instead of compiling again. Relative: under --workdir; "": not set here.
     c.compilation_cache_dir = "compilation_cache"
+    # Programs compiled faster than this are not kept there. 0 keeps every one, so a restart compiles
+    # nothing: the checkpoint digests and initialisers are dozens of small programs (JAX's default is 1 s).
+    c.compilation_cache_min_compile_seconds = 0.0
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "shapes"  # "shapes" (procedural, no download) or "folder" (images + captions file)

@@ -162,6 +162,7 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         ("data.made_up_words.prob", -0.1, "data.made_up_words.prob=-0.1 must be a probability"),
         ("data.made_up_words.max_words", 0, "data.made_up_words.max_words"),
         ("xla_options.cpu", "fast_math", "xla_options.cpu: 'fast_math' is not an XLA option"),
+        ("compilation_cache_min_compile_seconds", -1.0, "min_compile_seconds=-1.0 must be >= 0"),
         ("model.dtype", "bf16", "model.dtype='bf16' is not one of"),
         ("model.attention_impl", "flash", "model.attention_impl='flash' is not one of"),
         ("model.attention_impl", "cudnn", "attention_impl='cudnn' needs an NVIDIA GPU"),  # CPU tests

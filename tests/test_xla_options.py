@@ -97,7 +97,11 @@ def _cache_entries(folder):
 
 def test_compilation_cache_follows_the_runs_workdir(tmp_path, compilation_cache_hits):
     def cache_config(cache_dir):
-        return ml_collections.ConfigDict(dict(compilation_cache_dir=cache_dir))
+        # Minimum 0: the tiny programs below compile in well under JAX's default of 1 s, so they are kept
+        # only if the config's minimum reaches JAX.
+        return ml_collections.ConfigDict(
+            dict(compilation_cache_dir=cache_dir, compilation_cache_min_compile_seconds=0.0)
+        )
 
     assert xla_options.use_compilation_cache(cache_config(""), str(tmp_path)) is None
     assert xla_options.use_compilation_cache(ml_collections.ConfigDict(), str(tmp_path)) is None  # old config
@@ -108,7 +112,7 @@ def test_compilation_cache_follows_the_runs_workdir(tmp_path, compilation_cache_
         jax.jit(lambda x: jnp.tanh(x) * scale).lower(jnp.ones((3, 5))).compile()
 
     min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache even these tiny programs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # JAX's default
     try:
         first = xla_options.use_compilation_cache(cache_config("cc"), str(tmp_path / "a"))
         assert first == str(tmp_path / "a" / "cc")

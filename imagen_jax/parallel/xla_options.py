@@ -102,6 +102,7 @@ def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str | os.P
     """Points JAX's persistent compilation cache at `config.compilation_cache_dir` (a relative path is
     under `workdir`), so a resumed or restarted run, and sampling from its workdir, load the compiled train
     step and samplers instead of compiling them again (on GPU that is a minute for a small U-Net, README).
+    Programs that compiled faster than `config.compilation_cache_min_compile_seconds` are not kept.
     Returns the cache path; `""` sets nothing (JAX's own setting, e.g. $JAX_COMPILATION_CACHE_DIR, stays),
     nor do configs saved before the key existed, and returns None. `workdir` or the cache folder may be a
     `gs://` URL: JAX's cache reaches non-local folders itself (through etils epath).
@@ -111,6 +112,9 @@ def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str | os.P
         return None
     # Plain string joins: JAX takes the folder as a string, and "gs://..." must stay a URL.
     path = cache_dir if os.path.isabs(cache_dir) or "://" in cache_dir else os.path.join(workdir, cache_dir)
+    min_seconds = config.get("compilation_cache_min_compile_seconds")
+    if min_seconds is not None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_seconds))
     previous = jax.config.jax_compilation_cache_dir
     if previous != path:
         compilation_cache.set_cache_dir(path)

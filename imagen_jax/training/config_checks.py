@@ -98,6 +98,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     _choice(config.model.dtype, COMPUTE_DTYPES, "model.dtype")
     _choice(config.model.param_dtype, COMPUTE_DTYPES[1:], "model.param_dtype")
+    cache_seconds = config.get("compilation_cache_min_compile_seconds", 0.0)
+    _positive(cache_seconds, "compilation_cache_min_compile_seconds", allow_zero=True)
     for backend, spec in config.get("xla_options", {}).items():
         xla_options.parse_options(spec, key=f"xla_options.{backend}")
     xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
