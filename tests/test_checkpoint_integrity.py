@@ -51,10 +51,18 @@ def finished_run(tmp_path_factory):
     return root, config, jax.tree.map(np.asarray, state)
 
 
+_STRUCTS: dict[str, dict] = {}
+
+
 def _structs(config):
-    stage = stage_lib.build_stage(config)
-    structs = state_lib.abstract_train_state(stage, make_optimizer(config.optim, config.train.num_steps))[0]
-    return state_lib.to_items(structs)
+    """The abstract train state items of `config`, traced once per config: most tests here restore the
+    same run's checkpoints, and tracing the model for each restore cost a second."""
+    key = config.to_json_best_effort(sort_keys=True)
+    if key not in _STRUCTS:
+        stage = stage_lib.build_stage(config)
+        optimizer = make_optimizer(config.optim, config.train.num_steps)
+        _STRUCTS[key] = state_lib.to_items(state_lib.abstract_train_state(stage, optimizer)[0])
+    return _STRUCTS[key]
 
 
 # --- content digests ----------------------------------------------------------------------------------
