@@ -66,8 +66,10 @@ def test_sr1024_architecture(variant):
 def test_sr_configs_inherit_the_base_stage_settings(module, variant):
     base, c = imagen_base64.get_config(variant), module.get_config(variant)
     assert c.text.to_dict() == base.text.to_dict()  # T5-XXL (or its bench stand-in), 128 tokens, frozen
-    shared = ("mesh", "mesh_dcn", "sharding", "xla_options", "compilation_cache_dir", "seed")
-    for key in (*shared, "compilation_cache_min_compile_seconds"):
+    for key in (
+        "mesh", "mesh_dcn", "sharding", "xla_options", "compilation_cache_dir",
+        "compilation_cache_min_compile_seconds", "seed",
+    ):
         assert c[key] == base[key], key
     assert c.data.name == base.data.name and c.data.folder == base.data.folder
     for key in ("dtype", "param_dtype", "text_positions", "norm_groups", "null_text", "remat"):
