@@ -113,18 +113,21 @@ def peak_memory(device: Any) -> dict[str, Any]:
     return {"peak_bytes": host_peak_rss_bytes(), "kind": "host_rss"}
 
 
-def cost_flops(program: Any) -> float | None:
-    """FLOPs of one call of a lowered or compiled jax function, from XLA's cost analysis (None if
-    unavailable)."""
-    try:
-        cost = program.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
-    if isinstance(cost, Sequence) and not isinstance(cost, dict):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
+def cost_flops(*programs: Any) -> float | None:
+    """FLOPs of one call of each lowered or compiled jax function, summed, from XLA's cost analysis (None
+    if unavailable)."""
+    total = 0.0
+    for program in programs:
+        try:
+            cost = program.cost_analysis()
+        except Exception:  # noqa: BLE001 - some backends do not implement it
+            return None
+        if isinstance(cost, Sequence) and not isinstance(cost, dict):
+            cost = cost[0] if cost else None
+        if not cost or "flops" not in cost:
+            return None
+        total += float(cost["flops"])
+    return total
 
 
 _FUSION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? fusion\(")

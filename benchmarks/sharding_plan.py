@@ -21,11 +21,13 @@ The report separates two kinds of figures:
   the leaves left replicated (below `sharding.min_shard_size`, no dimension the rules divide, or
   Adafactor's factored moments, which carry no logical names) and whether the state fits
   `--device_memory_gib` per device.
-- `xla_cpu` (specific to XLA:CPU on this host): XLA's memory plan of the compiled SPMD program per device
-  (arguments, outputs, temporaries), its FLOPs per device from the cost analysis, the collectives the
-  partitioner inserted, and lowering/compile seconds. The arguments match the state above plus the batch
-  and frozen inputs; the temporaries are XLA:CPU's buffer assignment, which is not a GPU's or TPU's (see
-  docs/benchmarks.md): size activation memory on the accelerator itself.
+- `xla_cpu` (specific to XLA:CPU on this host): XLA's memory plan of each compiled SPMD program of the
+  step per device (arguments, outputs, temporaries; with `train.separate_update` the gradients' program
+  and the update's, the larger one being the step's peak), the step's FLOPs per device from the cost
+  analysis, the collectives the partitioner inserted, and lowering/compile seconds. The update's arguments
+  match the state above plus the gradients (the parameters' size); the temporaries are XLA:CPU's buffer
+  assignment, which is not a GPU's or TPU's (see docs/benchmarks.md): size activation memory on the
+  accelerator itself.
 """
 
 from __future__ import annotations
@@ -353,8 +355,9 @@ def plan(
         compiled, seconds = compile_train_step(
             config, stage, optimizer, shardings, state, batch, frozen, check_memory=False
         )
-    mem = memory.memory_plan(compiled)
-    flops = common.cost_flops(compiled)
+    plans = {name: memory.memory_plan(p) for name, p in zip(compiled.names, compiled.programs, strict=True)}
+    mem = compiled.memory_plan()
+    flops = common.cost_flops(*compiled.programs)
     xla = {
         "note": (
             "XLA:CPU specific: buffer assignment (temporaries) and fusion differ on GPU/TPU; FLOPs are "
@@ -368,6 +371,17 @@ def plan(
         "temp_bytes": mem.temporaries if mem else None,
         "alias_bytes": mem.aliased if mem else None,
         "total_bytes": mem.total if mem else None,
+        "programs": {  # the step's peak above is the larger program's
+            name: {
+                "argument_bytes": p.arguments,
+                "output_bytes": p.outputs,
+                "temp_bytes": p.temporaries,
+                "alias_bytes": p.aliased,
+                "total_bytes": p.total,
+            }
+            for name, p in plans.items()
+            if p
+        },
         "flops_per_device": flops,
         "flops_all_devices": flops * n if flops else None,
         "flops_per_image": flops * n / tc.batch_size if flops and accum == 1 else None,
@@ -472,14 +486,15 @@ def main(argv: list[str]) -> None:
         keys = ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes")
         common.print_table(
             [
-                {
-                    **{k.replace("_bytes", "_GiB"): _fmt_gib(x[k]) for k in keys},
-                    "TFLOP": f"{x['flops_per_device'] / 1e12:.3f}" if x["flops_per_device"] else "-",
-                    "lower_s": x["lower_seconds"],
-                    "compile_s": x["compile_seconds"],
-                }
+                {"program": program, **{k.replace("_bytes", "_GiB"): _fmt_gib(plan[k]) for k in keys}}
+                for program, plan in x["programs"].items()
             ],
-            [*(k.replace("_bytes", "_GiB") for k in keys), "TFLOP", "lower_s", "compile_s"],
+            ["program", *(k.replace("_bytes", "_GiB") for k in keys)],
+        )
+        tflop = f"{x['flops_per_device'] / 1e12:.3f}" if x["flops_per_device"] else "-"
+        print(
+            f"the step: {tflop} TFLOP per device, lowering {x['lower_seconds']:.1f} s, XLA "
+            f"{x['compile_seconds']:.1f} s"
         )
     name = f"sharding_plan_{common.config_name(FLAGS['config'])}_{result['preset']}_{result['devices']}dev"
     out = FLAGS.out or str(common.RESULTS / f"{name}.json")

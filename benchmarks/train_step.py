@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
 
 import common  # also puts the project root on sys.path
 import jax
@@ -36,7 +35,13 @@ from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
-from imagen_jax.training.loop import compile_train_step, frozen_inputs, global_batch, train_step_fn
+from imagen_jax.training.loop import (
+    CompiledTrainStep,
+    compile_train_step,
+    frozen_inputs,
+    global_batch,
+    train_step_fn,
+)
 from imagen_jax.training.state import make_optimizer
 
 FLAGS = flags.FLAGS
@@ -73,10 +78,10 @@ def model_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen)
     return common.cost_flops(lowered)
 
 
-def compiled_memory(compiled: Any) -> dict[str, int | None]:
-    """XLA's static memory plan of the compiled step, per device (donated buffers counted once), and the
-    allocator's limit where the device reports one."""
-    plan = memory.memory_plan(compiled)
+def compiled_memory(compiled: CompiledTrainStep) -> dict[str, int | None]:
+    """XLA's static memory plan of the compiled step, per device (donated buffers counted once; of its
+    larger program when the update is separate), and the allocator's limit where the device reports one."""
+    plan = compiled.memory_plan()
     return {
         "planned_bytes": plan.total if plan else None,
         "planned_temp_bytes": plan.temporaries if plan else None,
@@ -150,8 +155,8 @@ def benchmark(
         fit_batch,
         check_memory=not compile_only,
     )
-    hardware_flops = common.cost_flops(compiled)
-    if hardware_flops:  # the compiled program is one device's partition of the SPMD step
+    hardware_flops = common.cost_flops(*compiled.programs)
+    if hardware_flops:  # the compiled programs are one device's partition of the SPMD step
         hardware_flops *= mesh.size
     flops = hardware_flops
     if stage.unet.remat or stage.unet.scan_blocks:

@@ -67,19 +67,26 @@ def test_leaf_bytes_of_replicated_and_split_arrays():
 
 
 def test_compiled_plan_agrees_with_the_shardings():
-    """XLA's arguments are the state and the batch at the sizes the shardings give (the donated state is
-    the aliased part); its FLOPs and the collectives GSPMD inserted are reported."""
+    """The update program's arguments are the state and the gradients at the sizes the shardings give
+    (the donated state is the aliased part), the gradient program's outputs the gradients; the step's
+    FLOPs and the collectives GSPMD inserted are reported."""
     config = get_config("tiny")
     config.sharding.min_shard_size = 1024  # the tiny U-Net's kernels are below the default threshold
     result = sharding_plan.plan(config, preset="fsdp", mesh=FSDP_MESH, log=_quiet)
     state, inputs, xla = result["state"], result["inputs"], result["xla_cpu"]
     assert state["params"]["replicated_leaves"] < state["params"]["leaves"]
     assert not inputs["frozen"]["leaves"]  # tiny trains its text encoder jointly: it is in the state
-    assert xla["argument_bytes"] == state["total"]["bytes_per_device"] + inputs["batch"]["bytes_per_device"]
+    gradients, update = xla["programs"]["gradients"], xla["programs"]["update"]
+    state_bytes, params_bytes = state["total"]["bytes_per_device"], state["params"]["bytes_per_device"]
+    loss_bytes = 4  # float32, on every device
+    outputs = gradients["output_bytes"] - params_bytes - loss_bytes
+    table = 8 * (state["params"]["leaves"] + 1)  # XLA:CPU's table of the output tuple's buffers
+    assert outputs == table and gradients["alias_bytes"] == 0, (outputs, table)
+    assert update["argument_bytes"] == state_bytes + params_bytes + loss_bytes
     # The donated state is written in place (XLA may leave a few scalars un-aliased).
-    state_bytes = state["total"]["bytes_per_device"]
-    assert 0.99 * state_bytes <= xla["alias_bytes"] <= state_bytes
-    assert xla["temp_bytes"] > 0 and xla["flops_per_device"] > 0
+    assert 0.99 * state_bytes <= update["alias_bytes"] <= state_bytes
+    assert xla["total_bytes"] == max(gradients["total_bytes"], update["total_bytes"])
+    assert gradients["temp_bytes"] > update["temp_bytes"] > 0 and xla["flops_per_device"] > 0
     assert xla["flops_all_devices"] == pytest.approx(8 * xla["flops_per_device"])
     assert xla["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the split weights
     assert xla["lower_seconds"] > 0 and xla["compile_seconds"] > 0

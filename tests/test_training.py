@@ -130,19 +130,46 @@ def test_train_step_too_big_for_device_memory_is_refused_after_compiling(monkeyp
     args = (config, stage, optimizer, shardings, state, batch, loop.frozen_inputs(config, stage))
     assert memory.device_memory_limit() is None
     compiled, _ = loop.compile_train_step(*args)
-    plan = memory.memory_plan(compiled)
-    assert plan.arguments > 0 and plan.temporaries > 0 and plan.aliased > 0  # the state is donated
-    assert plan.total == plan.arguments + plan.outputs + plan.temporaries - plan.aliased
+    gradients, update = (memory.memory_plan(program) for program in compiled.programs)
+    assert gradients.temporaries > update.temporaries > 0  # the activations are the gradients' program's
+    assert update.aliased > 0 and gradients.aliased == 0  # the state is donated to the update only
+    plan = compiled.memory_plan()
+    assert plan == gradients and plan.total == plan.arguments + plan.outputs + plan.temporaries - plan.aliased
 
     monkeypatch.setattr(memory, "device_memory_limit", lambda: plan.total)
-    memory.check_fits(compiled, what="the step", fixes="")  # exactly fits
+    for program in compiled.programs:
+        memory.check_fits(program, what="the step", fixes="")  # exactly fits
     monkeypatch.setattr(memory, "device_memory_limit", lambda: plan.total - 1)
     with pytest.raises(
         memory.DeviceMemoryError,
-        match=r"the train step at batch 16 needs \d+\.\d GiB per device by XLA's plan .* Lower "
-        r"config.train.batch_size, set config.model.remat=True",
+        match=r"the train step's gradients program at batch 16 needs \d+\.\d GiB per device by XLA's plan .* "
+        r"Lower config.train.batch_size, set config.model.remat=True",
     ):
         loop.compile_train_step(*args)
+
+
+def test_separate_update_program_takes_the_same_steps_as_the_whole_step():
+    """`train.separate_update` compiles the gradients and the update as two programs (at the same time):
+    two steps through them end where two steps of the one-program step end, and the state is donated."""
+    config = tiny_config()
+    mesh = mesh_lib.make_mesh([("data", -1)])
+    stage = stage_lib.build_stage(config, mesh)
+    optimizer = make_optimizer(config.optim, config.train.num_steps)
+    batch = loop.global_batch(_batch(stage), mesh, config.sharding)
+    ends = {}
+    for separate in (False, True):
+        config.train.separate_update = separate
+        state, shardings = state_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(0))
+        compiled, _ = loop.compile_train_step(config, stage, optimizer, shardings, state, batch, {})
+        assert len(compiled.programs) == (2 if separate else 1)
+        first = state
+        state, first_metrics = compiled(state, batch, {})
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(first.params))
+        state, metrics = compiled(state, batch, {})
+        ends[separate] = jax.device_get((state, first_metrics, metrics))
+    assert int(ends[True][0].step) == 2
+    for whole, separate in zip(jax.tree.leaves(ends[False]), jax.tree.leaves(ends[True]), strict=True):
+        np.testing.assert_allclose(separate, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):

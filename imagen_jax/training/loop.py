@@ -7,6 +7,7 @@ The same code runs on 1 CPU, 8 fake CPU devices or a pod slice: only the mesh di
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -36,7 +37,7 @@ from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
 from imagen_jax.training.progress import MetricWriter, Progress
 from imagen_jax.training.state import TrainState, make_optimizer
-from imagen_jax.training.step import make_train_step
+from imagen_jax.training.step import TrainStep, make_train_step
 from imagen_jax.training.text_pretraining import prepare_run_text
 
 log = logging.getLogger("imagen_jax")
@@ -129,8 +130,11 @@ def preview_inputs(
     return [str(c) for c in host_batch["caption"][:count]], to_uint8(host_batch["lowres"][:count])
 
 
-def train_step_fn(config: ml_collections.ConfigDict, stage: Stage, optimizer: optax.GradientTransformation):
-    """The (unjitted) train step of `stage` with the settings of `config`."""
+def train_step_fn(
+    config: ml_collections.ConfigDict, stage: Stage, optimizer: optax.GradientTransformation
+) -> TrainStep:
+    """The (unjitted) train step of `stage` with the settings of `config`: callable as one function, or
+    as its two phases."""
     return make_train_step(
         stage.unet,
         stage.text.module,
@@ -156,6 +160,36 @@ class CompileSeconds:
         return self.lower + self.xla
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledTrainStep:
+    """The compiled train step: one program (the whole step), or the gradient program and the update
+    program run one after the other (`config.train.separate_update`). Called as the step itself."""
+
+    programs: tuple[jax.stages.Compiled, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("step",) if len(self.programs) == 1 else ("gradients", "update")
+
+    def __call__(self, state: TrainState, batch: dict[str, jax.Array], frozen: Any) -> tuple[TrainState, Any]:
+        if len(self.programs) == 1:
+            return self.programs[0](state, batch, frozen)
+        gradients, update = self.programs
+        loss, grads = gradients(state, batch, frozen)
+        return update(state, loss, grads)
+
+    def as_text(self) -> str:
+        """The compiled HLO of every program."""
+        return "\n".join(program.as_text() for program in self.programs)
+
+    def memory_plan(self) -> memory.MemoryPlan | None:
+        """XLA's plan of the program that needs the most memory per device: the step's peak, since the
+        programs run one at a time (the state and the gradients count in both). None where the backend
+        gives no plan."""
+        plans = [memory.memory_plan(program) for program in self.programs]
+        return None if None in plans else max(plans, key=lambda plan: plan.total)
+
+
 def compile_train_step(
     config: ml_collections.ConfigDict,
     stage: Stage,
@@ -165,31 +199,60 @@ def compile_train_step(
     batch: dict[str, jax.Array],
     frozen: Any,
     check_memory: bool = True,
-) -> tuple[Any, CompileSeconds]:
+) -> tuple[CompiledTrainStep, CompileSeconds]:
     """The train step jitted with explicit shardings and a donated state, compiled ahead of time for
     these exact inputs (a shape change fails loudly instead of recompiling); also the seconds spent
-    tracing and lowering it and in XLA's compiler. With `check_memory`, a step that cannot fit in device
-    memory is refused here, naming the fixes."""
-    step_fn = jax.jit(
-        train_step_fn(config, stage, optimizer),
-        in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}, None),
-        out_shardings=(shardings, NamedSharding(stage.mesh, PartitionSpec())),  # metrics: on every host
-        donate_argnums=(0,),
-        compiler_options=xla_options.compiler_options(config.get("xla_options")),
-    )
+    tracing and lowering it and in XLA's compiler.
+
+    With `config.train.separate_update` the gradients and the update (clipping, optimizer, EMA) are two
+    programs, compiled at the same time on two threads: XLA compiles a program on about one core, and the
+    update of a large model is thousands of small kernels. The gradients pass between them as arrays
+    sharded like the parameters; the second program takes the state donated.
+    With `check_memory`, a program that cannot fit in device memory is refused here, naming the fixes."""
+    step = train_step_fn(config, stage, optimizer)
+    options = xla_options.compiler_options(config.get("xla_options"))
+    batch_shardings = {k: v.sharding for k, v in batch.items()}
+    replicated = NamedSharding(stage.mesh, PartitionSpec())  # loss and metrics: on every host
     t0 = time.perf_counter()
     with mesh_lib.activation_rules(stage.mesh, stage.rules):
-        lowered = step_fn.lower(state, batch, frozen)
+        if config.train.get("separate_update", False):
+            gradients = jax.jit(
+                step.gradients,
+                in_shardings=(shardings, batch_shardings, None),
+                out_shardings=(replicated, shardings.params),
+                compiler_options=options,
+            )
+            update = jax.jit(
+                step.update,
+                in_shardings=(shardings, replicated, shardings.params),
+                out_shardings=(shardings, replicated),
+                donate_argnums=(0,),  # the gradients are not: no output has their place to take
+                compiler_options=options,
+            )
+            lowered = [gradients.lower(state, batch, frozen)]
+            lowered.append(update.lower(state, *lowered[0].out_info))  # (loss, gradients) as shapes
+        else:
+            whole = jax.jit(
+                step,
+                in_shardings=(shardings, batch_shardings, None),
+                out_shardings=(shardings, replicated),
+                donate_argnums=(0,),
+                compiler_options=options,
+            )
+            lowered = [whole.lower(state, batch, frozen)]
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:  # XLA releases the GIL
+        programs = tuple(pool.map(lambda program: program.compile(), lowered))
     seconds = CompileSeconds(lower=t1 - t0, xla=time.perf_counter() - t1)
+    compiled = CompiledTrainStep(programs)
     if check_memory:
-        memory.check_fits(
-            compiled,
-            what=f"the train step at batch {config.train.batch_size}",
-            fixes="Lower config.train.batch_size, set config.model.remat=True (recompute activations in the "
-            "backward pass), or spread the batch over more devices (config.mesh).",
-        )
+        for program, name in zip(programs, compiled.names, strict=True):
+            memory.check_fits(
+                program,
+                what=f"the train step's {name} program at batch {config.train.batch_size}",
+                fixes="Lower config.train.batch_size, set config.model.remat=True (recompute activations in "
+                "the backward pass), or spread the batch over more devices (config.mesh).",
+            )
     return compiled, seconds
 
 

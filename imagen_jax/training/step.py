@@ -2,13 +2,17 @@
 
 A super-resolution batch also holds `lowres` (the low-res image, or the crop matching `image`); it is
 noise-augmented per example by `diffusion.noise_aug`, the code the cascade sampler uses too.
-`make_train_step` returns `step(state, batch, frozen) -> (state, metrics)`; jit, shardings and buffer
-donation are applied by the caller (`imagen_jax.training.loop`). `frozen` carries weights that are inputs
-but never trained (a frozen text encoder), passed as an argument so they are not baked into the program.
+`make_train_step` returns the step as its two phases, `gradients(state, batch, frozen) -> (loss, grads)`
+and `update(state, loss, grads) -> (state, metrics)` (clipping, optimizer, EMA, metrics); calling it runs
+both, as one function. jit, shardings and buffer donation are applied by the caller
+(`imagen_jax.training.loop`), which compiles either the whole step or the two phases as two programs.
+`frozen` carries weights that are inputs but never trained (a frozen text encoder), passed as an argument
+so they are not baked into the program.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +29,19 @@ from imagen_jax.text.t5 import T5Encoder
 from imagen_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """One training step as its two phases. Both are pure; `loop.compile_train_step` jits either the whole
+    step (`__call__`) or each phase as its own program, so XLA compiles the two in parallel."""
+
+    gradients: Callable[[TrainState, Batch, Any], tuple[jax.Array, Any]]
+    update: Callable[[TrainState, jax.Array, Any], tuple[TrainState, Metrics]]
+
+    def __call__(self, state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, Metrics]:
+        return self.update(state, *self.gradients(state, batch, frozen))
 
 
 def text_embeddings(text_module: T5Encoder, text_params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -90,7 +107,7 @@ def make_train_step(
     ema_decay_fn: Callable[[jax.Array], jax.Array],
     joint_text: bool,
     grad_accum_steps: int = 1,
-) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
+) -> TrainStep:
     """`diffusion` is `config.diffusion` (objective, loss weighting, training log-SNR shift, caption
     dropout, noise_aug_range);
     `lr_fn` only feeds the logged learning rate; `joint_text`: the text encoder's weights are in
@@ -139,12 +156,13 @@ def make_train_step(
         )
         return jnp.mean(losses)
 
-    def step(state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    def gradients(state: TrainState, batch: Batch, frozen: Any) -> tuple[jax.Array, Any]:
         rng = jax.random.fold_in(state.rng, state.step)
         if grad_accum_steps > 1:
-            loss, grads = accumulate_gradients(loss_fn, state.params, frozen, batch, rng, grad_accum_steps)
-        else:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, rng)
+            return accumulate_gradients(loss_fn, state.params, frozen, batch, rng, grad_accum_steps)
+        return jax.value_and_grad(loss_fn)(state.params, frozen, batch, rng)
+
+    def update(state: TrainState, loss: jax.Array, grads: Any) -> tuple[TrainState, Metrics]:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_fn(state.step)
@@ -158,4 +176,4 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new_state, metrics
 
-    return step
+    return TrainStep(gradients=gradients, update=update)
