@@ -2,7 +2,8 @@
 # The GPU benchmarks of issue 5 for a lent device machine, one call each (default phase: at most 9 min):
 #   bash benchmarks/device/gpu_benchmarks.sh     (the base U-Net; the call carries `.whl`: fetch_wheels.sh)
 #   PHASES="small sampling" bash benchmarks/device/gpu_benchmarks.sh       (bench_small, 3.5 min at most)
-#   PHASES=remat ... ; PHASES=cudnn ... ; PHASES=scan ...   (the base U-Net with remat / cuDNN / scan)
+#   PHASES=remat ... ; PHASES=cudnn ... ; PHASES=scan ... ; PHASES=whole ...   (the base U-Net with remat /
+#   cuDNN / scan / the step as one program)
 # Writes each result's JSON and one log to $OUT (or benchmarks/results/gpu/ when OUT is unset; the device
 # tool brings back at most 8 files). Each phase has its own time limit, so one that runs out of memory or
 # time does not cost the others, and prints progress lines, so one stopped at its limit says how far it
@@ -66,6 +67,9 @@ for phase in ${PHASES:-base}; do
     scan)  # identical blocks as loops (model.scan_blocks): compile time and step time against `base`
       run train_base64_bf16_scan 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
         --config.train.batch_size="$base_batch" --config.model.scan_blocks=True ;;
-    *) echo "unknown phase $phase (base small sampling remat cudnn scan)"; exit 2 ;;
+    whole)  # the step as one program (train.separate_update=False): compile and step time against `base`
+      run train_base64_bf16_whole 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
+        --config.train.batch_size="$base_batch" --config.train.separate_update=False ;;
+    *) echo "unknown phase $phase (base small sampling remat cudnn scan whole)"; exit 2 ;;
   esac
 done
