@@ -50,12 +50,11 @@ import train_step as train_step_bench
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax.parallel import memory
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.training import state as state_lib
 from imagen_jax.training.config_checks import validate_config
-from imagen_jax.training.loop import compile_train_step, frozen_inputs
+from imagen_jax.training.loop import compile_train_step, frozen_inputs, peak_plan
 
 FLAGS = flags.FLAGS
 GIB = 1024**3
@@ -355,8 +354,8 @@ def plan(
         compiled, seconds = compile_train_step(
             config, stage, optimizer, shardings, state, batch, frozen, check_memory=False
         )
-    plans = {name: memory.memory_plan(p) for name, p in zip(compiled.names, compiled.programs, strict=True)}
-    mem = compiled.memory_plan()
+    plans = compiled.memory_plans()
+    mem = peak_plan(plans)
     flops = common.cost_flops(*compiled.programs)
     xla = {
         "note": (

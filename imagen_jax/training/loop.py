@@ -182,12 +182,21 @@ class CompiledTrainStep:
         """The compiled HLO of every program."""
         return "\n".join(program.as_text() for program in self.programs)
 
+    def memory_plans(self) -> dict[str, memory.MemoryPlan | None]:
+        """XLA's plan of each program, by name (None where the backend gives no plan)."""
+        return {name: memory.memory_plan(p) for name, p in zip(self.names, self.programs, strict=True)}
+
     def memory_plan(self) -> memory.MemoryPlan | None:
         """XLA's plan of the program that needs the most memory per device: the step's peak, since the
         programs run one at a time (the state and the gradients count in both). None where the backend
         gives no plan."""
-        plans = [memory.memory_plan(program) for program in self.programs]
-        return None if None in plans else max(plans, key=lambda plan: plan.total)
+        return peak_plan(self.memory_plans())
+
+
+def peak_plan(plans: dict[str, memory.MemoryPlan | None]) -> memory.MemoryPlan | None:
+    """The largest of a step's program plans, or None if any program has none."""
+    values = list(plans.values())
+    return None if None in values else max(values, key=lambda plan: plan.total)
 
 
 def compile_train_step(
