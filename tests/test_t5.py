@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from imagen_jax.parallel import axes
 from imagen_jax.text import encoder as encoder_lib
+from imagen_jax.text import t5 as t5_lib
 from imagen_jax.text.build import build_text_encoder
 from imagen_jax.text.t5 import T5Config, T5Encoder, relative_position_buckets
 
@@ -55,6 +56,27 @@ def test_output_shape_and_padding_invariance(feed_forward):
     # A prompt alone at its exact length (no padding at all) matches its row in the batch.
     alone = _apply(module, params, ids[1:2, :9], mask[1:2, :9])
     np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(out)[1, :9], atol=1e-5, rtol=1e-5)
+
+
+def test_layers_are_traced_once_and_compute_the_plain_layers(monkeypatch):
+    """Applied, every layer is the same nested jit (JAX traces one layer, not each); initialised, the plain
+    layers, so a seed keeps its weights; the outputs are the plain layers'."""
+    cfg = T5Config(**{**TINY, "num_layers": 3})
+    ids, mask = _ids([5, 3], 8)
+    module, params = _init(cfg)
+    jaxpr = jax.make_jaxpr(lambda p: module.apply({"params": p}, ids, mask))(params).jaxpr
+    layers = [e for e in jaxpr.eqns if "jaxpr" in e.params and e.params.get("name") == "core_fn"]
+    assert len(layers) == 3 and len({id(e.params["jaxpr"]) for e in layers}) == 1
+    out = _apply(module, params, ids, mask)
+
+    monkeypatch.setattr(t5_lib, "_JITTED_BLOCK", t5_lib.T5Block)
+    plain, plain_params = _init(cfg)
+    for a, b in zip(jax.tree.leaves(plain_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    jaxpr = jax.make_jaxpr(lambda p: plain.apply({"params": p}, ids, mask))(params).jaxpr
+    assert not [e for e in jaxpr.eqns if e.params.get("name") == "core_fn"]
+    out_plain = jax.jit(lambda p: plain.apply({"params": p}, ids, mask))(params)  # not `_apply`s program
+    np.testing.assert_allclose(np.asarray(out_plain), np.asarray(out), rtol=1e-6, atol=1e-6)
 
 
 def test_feed_forward_param_names():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from imagen_jax.models import unet as unet_lib
 from imagen_jax.models.unet import UNet, compute_dtype, convert_layout, unet_from_config
 
 TEXT_D = 12
@@ -285,6 +286,48 @@ def test_scanned_blocks_compute_the_unrolled_function(efficient, remat):
         np.testing.assert_array_equal(a, b)
     # Converting is idempotent: a tree already in the asked layout comes back as it is.
     assert convert_layout(stacked, scanned, scanned=True).keys() == stacked.keys()
+
+
+def block_calls(jaxpr: jax.extend.core.Jaxpr) -> list[jax.extend.core.JaxprEqn]:
+    """The nested jits of flax's lifted jit (its function is `core_fn`) at the top of `jaxpr`."""
+    return [e for e in jaxpr.eqns if "jaxpr" in e.params and e.params.get("name") == "core_fn"]
+
+
+def test_identical_blocks_are_traced_once_and_compute_the_plain_function(monkeypatch):
+    """Applied, every block is a nested jit: JAX traces and differentiates one body per distinct block and
+    input shape, not one per block. Initialised, the blocks are the plain modules, so a seed keeps its
+    weights; applied, the jitted blocks compute the plain blocks' outputs and gradients."""
+    z, logsnr, text, mask = _inputs()
+    model = UNet(**{**SMALL, "num_res_blocks": 2})
+
+    def loss(p):
+        return jnp.mean(model.apply({"params": p}, z, logsnr, text, mask) ** 2)
+
+    def run():
+        unet_lib._block_modules.cache_clear()  # it caches the module classes it picked
+        boxed = jax.jit(model.init)(jax.random.PRNGKey(1), z, logsnr, text, mask)["params"]
+        return nn.unbox(boxed), jax.jit(jax.value_and_grad(loss))(_perturbed(boxed, seed=2))
+
+    params = _perturbed(model.init(jax.random.PRNGKey(1), z, logsnr, text, mask)["params"], seed=2)
+    forward = block_calls(jax.make_jaxpr(loss)(params).jaxpr)
+    gradient = block_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    signatures = {tuple(str(v.aval) for v in e.invars) for e in forward}
+    assert len(forward) == sum(k.rsplit("_", 1)[-1] in unet_lib.BLOCK_PARTS for k in params) == 24
+    assert len({id(e.params["jaxpr"]) for e in forward}) == len(signatures) < len(forward)
+    assert len({id(e.params["jaxpr"]) for e in gradient}) < len(gradient) == 2 * len(forward)
+
+    init_jitted, (loss_jitted, grads_jitted) = run()
+    monkeypatch.setattr(unet_lib, "_JITTED_BLOCKS", unet_lib._PLAIN_BLOCKS)
+    try:
+        init_plain, (loss_plain, grads_plain) = run()
+        assert not block_calls(jax.make_jaxpr(lambda p: loss(p))(params).jaxpr)  # not the cached trace
+    finally:
+        unet_lib._block_modules.cache_clear()
+    for a, b in zip(jax.tree.leaves(init_plain), jax.tree.leaves(init_jitted), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(loss_plain, loss_jitted, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_plain), jax.tree.leaves(grads_jitted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_block_runs_of_the_paper_base_unet():

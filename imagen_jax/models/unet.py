@@ -46,6 +46,15 @@ def _per_level(value: Any, num_levels: int, name: str) -> tuple:
 
 
 _PLAIN_BLOCKS = (layers.ResBlock, layers.SelfAttention, layers.CrossAttention)
+# Applied, each block is its own nested jit: JAX traces and differentiates one body per distinct block and
+# input shape instead of one per block, and XLA inlines the calls, so the compiled program is the same.
+# Initialised, the plain blocks: flax's lifted jit draws from other random streams, and a seed keeps its
+# weights.
+_JITTED_BLOCKS = (
+    nn.jit(layers.ResBlock, static_argnums=(3,)),  # `train` (self is argument 0) is a Python bool
+    nn.jit(layers.SelfAttention),
+    nn.jit(layers.CrossAttention),
+)
 # What a rematerialised block keeps from its forward pass: names of `jax.checkpoint_policies`.
 REMAT_POLICIES = (
     "nothing_saveable",  # recompute everything: the least memory, ~1/3 more FLOPs
@@ -56,15 +65,21 @@ REMAT_POLICIES = (
 
 
 @functools.cache
-def _remat_blocks(policy: str) -> tuple[type[nn.Module], ...]:
+def _block_modules(remat: bool, policy: str, initializing: bool) -> tuple[type[nn.Module], ...]:
+    """The residual block, self- and cross-attention modules: plain or jitted, rematerialised or not."""
+    blocks = _PLAIN_BLOCKS if initializing else _JITTED_BLOCKS
+    if not remat:
+        return blocks
     if policy not in REMAT_POLICIES:
         raise ConfigError(f"model.remat_policy={policy!r}: use one of {REMAT_POLICIES}.")
     kw = dict(policy=getattr(jax.checkpoint_policies, policy))
+    res_block, self_attention, cross_attention = blocks
     return (
-        nn.remat(layers.ResBlock, static_argnums=(3,), **kw),  # `train` (self is argument 0) is a Python bool
-        nn.remat(layers.SelfAttention, **kw),
-        nn.remat(layers.CrossAttention, **kw),
+        nn.remat(res_block, static_argnums=(3,), **kw),  # `train`, as above
+        nn.remat(self_attention, **kw),
+        nn.remat(cross_attention, **kw),
     )
+
 
 # The parts of one level block, in order; a block's parameters are `<block>_<part>` (plain) or
 # `<run>/<part>` with a leading axis over the run's blocks (scanned).
@@ -95,6 +110,7 @@ class BlockSpec:
 
 def _level_block(
     spec: BlockSpec,
+    initializing: bool,
     prefix: str,
     h: jax.Array,
     skip: jax.Array | None,
@@ -102,11 +118,10 @@ def _level_block(
     tokens: jax.Array,
     text_mask: jax.Array,
 ) -> jax.Array:
-    """One level block, its parts named `<prefix><part>` in the module whose method calls this."""
+    """One level block, its parts named `<prefix><part>` in the module whose method calls this
+    (`initializing`: that module's `is_initializing()`)."""
     kw = dict(dtype=spec.dtype, param_dtype=spec.param_dtype)
-    res_block, self_attention, cross_attention = (
-        _remat_blocks(spec.remat_policy) if spec.remat else _PLAIN_BLOCKS
-    )
+    res_block, self_attention, cross_attention = _block_modules(spec.remat, spec.remat_policy, initializing)
     if skip is not None:
         h = mesh_lib.constrain_batch(jnp.concatenate([h, skip * spec.skip_scale], axis=-1))
     h = res_block(spec.width, spec.norm_groups, spec.dropout, name=f"{prefix}res", **kw)(h, cond, spec.train)
@@ -131,7 +146,7 @@ class _ScannedBlock(nn.Module):
     def __call__(
         self, h: jax.Array, skip: jax.Array | None, cond: jax.Array, tokens: jax.Array, text_mask: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        h = _level_block(self.spec, "", h, skip, cond, tokens, text_mask)
+        h = _level_block(self.spec, self.is_initializing(), "", h, skip, cond, tokens, text_mask)
         return h, h
 
 
@@ -323,8 +338,10 @@ class UNet(nn.Module):
         output)."""
         if not (self.scan_blocks and run.count > 1):
             outs = []
+            initializing = self.is_initializing()
             for i, name in enumerate(run.block_names()):
-                h = _level_block(spec, f"{name}_", h, skips[i] if skips else None, cond, tokens, text_mask)
+                skip = skips[i] if skips else None
+                h = _level_block(spec, initializing, f"{name}_", h, skip, cond, tokens, text_mask)
                 outs.append(h)
             return h, outs
         scan = nn.scan(
@@ -427,9 +444,9 @@ class UNet(nn.Module):
 
         # Middle: always attends (lowest resolution is cheap).
         mid = spec(levels - 1)
-        h = _level_block(mid, "mid_0_", h, None, cond, tokens, text_mask)
+        h = _level_block(mid, self.is_initializing(), "mid_0_", h, None, cond, tokens, text_mask)
         res_only = dataclasses.replace(mid, self_attn=False, cross_attn=False)
-        h = _level_block(res_only, "mid_1_", h, None, cond, tokens, text_mask)
+        h = _level_block(res_only, self.is_initializing(), "mid_1_", h, None, cond, tokens, text_mask)
 
         # Up path.
         for level in reversed(range(levels)):

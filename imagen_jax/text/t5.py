@@ -294,6 +294,12 @@ class T5Block(nn.Module):
         return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, None))
 
 
+# Applied, every layer is the same nested jit: JAX traces and differentiates one layer, not each of them,
+# and XLA inlines the calls. Initialised, the plain layers: flax's lifted jit draws from other random
+# streams, and a seed keeps its weights.
+_JITTED_BLOCK = nn.jit(T5Block)
+
+
 class T5Encoder(nn.Module):
     """T5 encoder: (input_ids int32 [B, L], mask bool [B, L]) -> float32 hidden states [B, L, d_model].
 
@@ -325,8 +331,9 @@ class T5Encoder(nn.Module):
         )
         mask_bias = jnp.where(mask.astype(bool)[:, None, None, :], 0.0, _MASK_BIAS).astype(jnp.float32)
         bias = position_bias + mask_bias  # [B, H, L, L], shared by all layers
+        block = T5Block if self.is_initializing() else _JITTED_BLOCK  # see _JITTED_BLOCK
         for i in range(cfg.num_layers):
-            x = T5Block(cfg, self.dtype, self.param_dtype, name=f"block_{i}")(x, bias)
+            x = block(cfg, self.dtype, self.param_dtype, name=f"block_{i}")(x, bias)
         return RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, name="final_norm")(x)
 
 
@@ -351,6 +358,9 @@ class T5DecoderBlock(nn.Module):
         h = norm("mlp_norm")(x).astype(self.dtype)
         x = x + FeedForward(cfg, **kw, name="mlp")(h).astype(jnp.float32)
         return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, None))
+
+
+_JITTED_DECODER_BLOCK = nn.jit(T5DecoderBlock)
 
 
 class T5Decoder(nn.Module):
@@ -384,8 +394,9 @@ class T5Decoder(nn.Module):
         cross_mask = encoder_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]: padding keys hidden
         cross_bias = jnp.where(cross_mask, 0.0, _MASK_BIAS).astype(jnp.float32)
         encoded = encoded.astype(self.dtype)
+        block = T5DecoderBlock if self.is_initializing() else _JITTED_DECODER_BLOCK
         for i in range(self.num_layers):
-            x = T5DecoderBlock(cfg, self.dtype, self.param_dtype, name=f"block_{i}")(
+            x = block(cfg, self.dtype, self.param_dtype, name=f"block_{i}")(
                 x, self_bias, encoded, cross_bias
             )
         return RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, name="final_norm")(x)

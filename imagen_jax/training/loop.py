@@ -150,7 +150,9 @@ def train_step_fn(
 
 @dataclasses.dataclass(frozen=True)
 class CompileSeconds:
-    """Where a program's compile time goes: Python tracing plus lowering to StableHLO, then XLA."""
+    """Where a program's compile time goes: Python tracing plus lowering to StableHLO, then XLA. With two
+    programs the second is lowered while XLA compiles the first: `lower` is until the last program is
+    lowered, `xla` the compiling after that, and `total` the wall time."""
 
     lower: float
     xla: float
@@ -214,44 +216,48 @@ def compile_train_step(
     tracing and lowering it and in XLA's compiler.
 
     With `config.train.separate_update` the gradients and the update (clipping, optimizer, EMA) are two
-    programs, compiled at the same time on two threads: XLA compiles a program on about one core, and the
-    update of a large model is thousands of small kernels. The gradients pass between them as arrays
+    programs compiled at the same time on two threads (the update is traced while XLA compiles the
+    gradients): XLA compiles a program on about one core, and the update of a large model is thousands of
+    small kernels. The gradients pass between them as arrays
     sharded like the parameters; the second program takes the state donated.
     With `check_memory`, a program that cannot fit in device memory is refused here, naming the fixes."""
     step = train_step_fn(config, stage, optimizer)
     options = xla_options.compiler_options(config.get("xla_options"))
     batch_shardings = {k: v.sharding for k, v in batch.items()}
     replicated = NamedSharding(stage.mesh, PartitionSpec())  # loss and metrics: on every host
+    pool = concurrent.futures.ThreadPoolExecutor(2)  # XLA releases the GIL
     t0 = time.perf_counter()
-    with mesh_lib.activation_rules(stage.mesh, stage.rules):
-        if config.train.get("separate_update", False):
-            gradients = jax.jit(
-                step.gradients,
-                in_shardings=(shardings, batch_shardings, None),
-                out_shardings=(replicated, shardings.params),
-                compiler_options=options,
-            )
-            update = jax.jit(
-                step.update,
-                in_shardings=(shardings, replicated, shardings.params),
-                out_shardings=(shardings, replicated),
-                donate_argnums=(0,),  # the gradients are not: no output has their place to take
-                compiler_options=options,
-            )
-            lowered = [gradients.lower(state, batch, frozen)]
-            lowered.append(update.lower(state, *lowered[0].out_info))  # (loss, gradients) as shapes
-        else:
-            whole = jax.jit(
-                step,
-                in_shardings=(shardings, batch_shardings, None),
-                out_shardings=(shardings, replicated),
-                donate_argnums=(0,),
-                compiler_options=options,
-            )
-            lowered = [whole.lower(state, batch, frozen)]
-    t1 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:  # XLA releases the GIL
-        programs = tuple(pool.map(lambda program: program.compile(), lowered))
+    try:
+        with mesh_lib.activation_rules(stage.mesh, stage.rules):
+            if config.train.get("separate_update", False):
+                gradients = jax.jit(
+                    step.gradients,
+                    in_shardings=(shardings, batch_shardings, None),
+                    out_shardings=(replicated, shardings.params),
+                    compiler_options=options,
+                ).lower(state, batch, frozen)
+                pending = [pool.submit(gradients.compile)]
+                update = jax.jit(
+                    step.update,
+                    in_shardings=(shardings, replicated, shardings.params),
+                    out_shardings=(shardings, replicated),
+                    donate_argnums=(0,),  # the gradients are not: no output has their place to take
+                    compiler_options=options,
+                ).lower(state, *gradients.out_info)  # (loss, gradients) as shapes
+                pending.append(pool.submit(update.compile))
+            else:
+                whole = jax.jit(
+                    step,
+                    in_shardings=(shardings, batch_shardings, None),
+                    out_shardings=(shardings, replicated),
+                    donate_argnums=(0,),
+                    compiler_options=options,
+                ).lower(state, batch, frozen)
+                pending = [pool.submit(whole.compile)]
+        t1 = time.perf_counter()
+        programs = tuple(future.result() for future in pending)
+    finally:
+        pool.shutdown(wait=False)  # after an error, do not wait for a compile nobody will use
     seconds = CompileSeconds(lower=t1 - t0, xla=time.perf_counter() - t1)
     compiled = CompiledTrainStep(programs)
     if check_memory:
