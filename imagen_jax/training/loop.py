@@ -218,8 +218,8 @@ def compile_train_step(
     With `config.train.separate_update` the gradients and the update (clipping, optimizer, EMA) are two
     programs compiled at the same time on two threads (the update is traced while XLA compiles the
     gradients): XLA compiles a program on about one core, and the update of a large model is thousands of
-    small kernels. The gradients pass between them as arrays
-    sharded like the parameters; the second program takes the state donated.
+    small kernels. The gradients pass between them as arrays sharded like the parameters; the second
+    program takes the state donated.
     With `check_memory`, a program that cannot fit in device memory is refused here, naming the fixes."""
     step = train_step_fn(config, stage, optimizer)
     options = xla_options.compiler_options(config.get("xla_options"))
@@ -257,7 +257,7 @@ def compile_train_step(
         t1 = time.perf_counter()
         programs = tuple(future.result() for future in pending)
     finally:
-        pool.shutdown(wait=False)  # after an error, do not wait for a compile nobody will use
+        pool.shutdown(wait=False)  # an error is raised now, not after the other program compiles
     seconds = CompileSeconds(lower=t1 - t0, xla=time.perf_counter() - t1)
     compiled = CompiledTrainStep(programs)
     if check_memory:
