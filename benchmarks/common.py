@@ -132,17 +132,45 @@ def cost_flops(*programs: Any) -> float | None:
 
 _FUSION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? fusion\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+_BACKEND_CONFIG = re.compile(r"backend_config=(\{.*\})")
+_METADATA = re.compile(r", metadata=\{[^}]*\}")
+_VALUE_NAME = re.compile(r"%[\w.\-]+")
+
+
+def distinct_kernels(module_text: str) -> int:
+    """How many different kernels one compiled program's HLO text holds: fusions whose computations are
+    the same up to names and metadata, with the same backend config, are one kernel (XLA:CPU generates
+    code once for them)."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in module_text.splitlines():
+        if opening := _COMPUTATION.match(line):
+            current = opening.group(1)
+            bodies[current] = []
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            bodies[current].append(_VALUE_NAME.sub("%", _METADATA.sub("", line)).strip())
+    kernels = set()
+    for line in module_text.splitlines():
+        if _FUSION.match(line) and (called := _CALLS.search(line)):
+            config = _BACKEND_CONFIG.search(line)
+            kernels.add((tuple(bodies.get(called.group(1), [called.group(1)])), config and config.group(1)))
+    return len(kernels)
 
 
 def kernel_counts(compiled: Any, modules: Sequence[str] = ("UNet", "T5Encoder")) -> dict[str, int | None]:
     """The fused kernels of the compiled program, the pieces XLA generates code for one by one (most of
-    XLA:CPU's compile time): all of them, and those not named inside any module of `modules`: the
-    optimizer, EMA, clipping and loss, and the parameters' layout copies, several per parameter. A count,
-    unlike a compile time, does not vary from run to run. None where the backend gives no HLO text."""
+    XLA:CPU's compile time): all of them, those not named inside any module of `modules` (the optimizer,
+    EMA, clipping and loss, and the parameters' layout copies, several per parameter), and the distinct
+    ones summed over the programs (`distinct_kernels`: what XLA compiles). A count, unlike a compile time,
+    does not vary from run to run. None where the backend gives no HLO text."""
     try:
         text = compiled.as_text()
     except Exception:  # noqa: BLE001 - not every backend prints its program
-        return {"kernels": None, "kernels_outside_modules": None}
+        return {"kernels": None, "kernels_outside_modules": None, "distinct_kernels": None}
     # Every computation's, not the entry's alone: a loop's body is compiled once, however often it runs.
     fusions = [line for line in text.splitlines() if _FUSION.match(line)]
     names = "|".join(map(re.escape, modules))
@@ -151,7 +179,9 @@ def kernel_counts(compiled: Any, modules: Sequence[str] = ("UNet", "T5Encoder"))
     for line in fusions:
         name = _OP_NAME.search(line)
         outside += not (name and in_module.search(name.group(1)))
-    return {"kernels": len(fusions), "kernels_outside_modules": outside}
+    modules_text = re.split(r"^(?=HloModule )", text, flags=re.MULTILINE)
+    distinct = sum(distinct_kernels(module) for module in modules_text if module.strip())
+    return {"kernels": len(fusions), "kernels_outside_modules": outside, "distinct_kernels": distinct}
 
 
 def utilisation(flops_per_second: float | None, device: Any, num_devices: int) -> float | None:

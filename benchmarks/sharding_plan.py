@@ -307,7 +307,7 @@ def plan(
     report = state_report(state, n, budget)
     if text == "auto":
         text = "ids" if config.text.train_jointly else "embeddings"
-    frozen = frozen_inputs(config, stage)
+    frozen = frozen_inputs(config, stage, state.params)
     batch = batch_structs(config, stage, mesh_, text)
     inputs = {"frozen": tree_report(frozen, n), "batch": tree_report(batch, n)}
     unet_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params["unet"])))

@@ -141,7 +141,7 @@ def benchmark(
     )
     if text == "auto":
         text = "ids" if config.text.train_jointly else "embeddings"
-    frozen = frozen_inputs(config, stage)
+    frozen = frozen_inputs(config, stage, state.params)
     requested_batch = config.train.batch_size
     config, batch, compiled, compile_s = compile_fitting_batch(
         config,
@@ -186,7 +186,8 @@ def benchmark(
     print(
         f"compiled in {compile_s.total:.1f} s (tracing + lowering {compile_s.lower:.1f} s, XLA "
         f"{compile_s.xla:.1f} s; {result['kernels']} kernels, {result['kernels_outside_modules']} outside "
-        f"the models); planned {result['planned_bytes']} bytes per device",
+        f"the models, {result['distinct_kernels']} distinct); planned {result['planned_bytes']} bytes "
+        "per device",
         flush=True,
     )
     if compile_only:
@@ -237,6 +238,7 @@ def main(argv: list[str]) -> None:
             "lower_seconds",
             "xla_compile_seconds",
             "kernels",
+            "distinct_kernels",
             "images_per_second",
             "flops_per_image",
             "flops_per_second",

@@ -100,6 +100,47 @@ def test_kernel_counts_fall_when_the_per_parameter_work_runs_once_per_shape():
     assert all(c["kernels_outside_modules"] == c["kernels"] > 0 for c in counts)
 
 
+def test_weights_read_at_positions_passed_in_compile_as_fewer_distinct_kernels():
+    """The train step reads weights held stacked by shape at positions that are inputs of the program
+    (`stacking.positions`): the kernels reading the members of a group are then one kernel to XLA, where
+    constant indices make one per member (`common.distinct_kernels`). The gradient, stacked again, is the
+    per-parameter gradient either way."""
+    names = [f"layer{i}" for i in range(6)]
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(names))
+    params = {
+        n: {
+            "w": jax.random.normal(keys[2 * i], (32, 32)) / 6,
+            "scale": 1 + jax.random.normal(keys[2 * i + 1], (32,)),
+        }
+        for i, n in enumerate(names)
+    }
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 32))
+
+    def loss(p):
+        h = x
+        for n in names:
+            h = jnp.tanh((h @ p[n]["w"]) * p[n]["scale"])
+        return jnp.mean(h**2)
+
+    held = stacking.stack(params)
+    positions = stacking.positions(held, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    assert [int(p) for p in positions] == list(range(len(names)))
+
+    def stacked_grad(held, positions):
+        return stacking.restacked(jax.grad(loss)(stacking.unstacked(held, positions)), held)
+
+    expected = stacking.stack(jax.grad(loss)(params))
+    distinct = []
+    for read_at in (None, positions):
+        step = jax.jit(stacked_grad)
+        grads = step(held, read_at)
+        for got, want in zip(grads.stacks, expected.stacks, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        distinct.append(common.distinct_kernels(step.lower(held, read_at).compile().as_text()))
+    constant, passed_in = distinct
+    assert passed_in < constant, distinct
+
+
 def test_train_step_benchmark_fit_batch_halves_a_batch_that_does_not_fit(monkeypatch):
     """--fit_batch: a batch whose plan exceeds the device limit is halved and compiled again (without the
     flag the step's memory error stands: tests/test_training.py). CPUs report no limit: the first check

@@ -44,7 +44,7 @@ def _train(config, devices, num_steps=5):
     optimizer = state_lib.make_optimizer(config.optim, config.train.num_steps)
     state, shardings = state_lib.init_train_state(stage, optimizer, jax.random.PRNGKey(config.seed))
     batch = loop.global_batch(_batch(stage), mesh, stage.rules)
-    frozen = loop.frozen_inputs(config, stage)
+    frozen = loop.frozen_inputs(config, stage, state.params)
     step, _ = loop.compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
     losses = []
     for _ in range(num_steps):

@@ -123,7 +123,7 @@ def _trained_unet(config, unet_params, steps=3):
     batch = _batch(stage, size=4, res=config.data.resolution)
     step = jax.jit(loop.train_step_fn(config, stage, optimizer))
     for _ in range(steps):
-        state, _ = step(state, batch, loop.frozen_inputs(config, stage))
+        state, _ = step(state, batch, loop.frozen_inputs(config, stage, state.params))
     unet = convert_layout(stacking.unstacked(state.params)["unet"], stage.unet, scanned=False)
     return unet, state.opt_state
 

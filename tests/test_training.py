@@ -127,7 +127,8 @@ def test_train_step_too_big_for_device_memory_is_refused_after_compiling(monkeyp
     optimizer = make_optimizer(config.optim, config.train.num_steps)
     state, shardings = state_lib.abstract_train_state(stage, optimizer)
     batch = loop.global_batch(_batch(stage), mesh, config.sharding)
-    args = (config, stage, optimizer, shardings, state, batch, loop.frozen_inputs(config, stage))
+    frozen = loop.frozen_inputs(config, stage, state.params)
+    args = (config, stage, optimizer, shardings, state, batch, frozen)
     assert memory.device_memory_limit() is None
     compiled, _ = loop.compile_train_step(*args)
     gradients, update = (memory.memory_plan(program) for program in compiled.programs)

@@ -3,8 +3,14 @@
 Why: XLA compiles the work done per parameter (the optimizer's update, the EMA, the clipping's norms) as
 separate kernels for each parameter, and for the paper's base U-Net that work is most of the train step's
 kernels (docs/benchmarks.md). A train state whose weights, EMA and optimizer state are stacked by shape
-runs it once per group. The model still reads one array per parameter: `unstack` splits the stacks inside
-the jitted step, and the gradient arrives stacked again (the transpose of the split is one concatenation).
+runs it once per group. The model still reads one array per parameter: the train step splits the stacks
+(`unstacked`) and stacks the gradients again (`restacked`, one concatenation per group).
+
+In the train step each member of a group is read at a position that is an input of the program
+(`positions`), not a constant. XLA fuses a read into the kernels that use it (a GroupNorm's scale, a
+weight's bf16 copy); a constant index would make those kernels differ from one member of a group to the
+next, and XLA compiles each distinct kernel: for the paper's base U-Net, 1,972 in the gradient program
+against 1,159 with the positions as inputs (docs/benchmarks.md).
 
 Groups are leaves with the same shape, dtype and logical axis names, so a stack is sharded like each of
 its parameters, with the new leading axis unsplit: stacking moves no data between devices.
@@ -12,12 +18,14 @@ its parameters, with the new leading axis unsplit: stacking moves no data betwee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.parallel import axes
 
@@ -42,17 +50,26 @@ class Stacked:
     groups: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)
     treedef: Any = flax.struct.field(pytree_node=False)
 
-    def unstack(self) -> Any:
-        """The tree of parameters, each its own array again."""
+    def unstack(self, positions: Sequence[jax.Array] | None = None) -> Any:
+        """The tree of parameters, each its own array again; member k of a group read at `positions[k]`
+        (int32 scalars holding k, see `positions`) or, without them, at the constant k."""
         leaves: list[Any] = [None] * sum(map(len, self.groups))
         for group, stack in zip(self.groups, self.stacks, strict=True):
             if len(group) == 1:
                 leaves[group[0]] = stack
                 continue
-            # lax.split: its transpose, which the gradient takes, is one concatenation of the parts.
-            for i, part in zip(group, jax.lax.split(stack, (1,) * len(group)), strict=True):
-                leaves[i] = part.reshape(part.shape[1:])
+            for k, i in enumerate(group):
+                at = k if positions is None else positions[k]
+                leaves[i] = jax.lax.dynamic_index_in_dim(stack, at, keepdims=False)
         return jax.tree.unflatten(self.treedef, leaves)
+
+    def restack(self, tree: Any) -> Stacked:
+        """`tree`, shaped like the unstacked parameters (their gradients, say), stacked as these are."""
+        leaves = self.treedef.flatten_up_to(tree)
+        stacks = tuple(
+            leaves[g[0]] if len(g) == 1 else jnp.stack([leaves[i] for i in g]) for g in self.groups
+        )
+        return self.replace(stacks=stacks)
 
 
 def _shape_groups(leaves: list[Any]) -> tuple[tuple[int, ...], ...]:
@@ -87,11 +104,29 @@ def stack_parts(params: dict[str, Any]) -> dict[str, Stacked]:
     return {name: stack(part) for name, part in params.items()}
 
 
-def unstacked(tree: Any) -> Any:
-    """`tree` with every `Stacked` in it unstacked (a tree without one is returned as it is)."""
-    return jax.tree.map(
-        lambda x: x.unstack() if isinstance(x, Stacked) else x, tree, is_leaf=lambda x: isinstance(x, Stacked)
-    )
+def _is_stacked(x: Any) -> bool:
+    return isinstance(x, Stacked)
+
+
+def unstacked(tree: Any, positions: Sequence[jax.Array] | None = None) -> Any:
+    """`tree` with every `Stacked` in it unstacked (a tree without one is returned as it is); `positions`
+    as in `Stacked.unstack`."""
+    return jax.tree.map(lambda x: x.unstack(positions) if _is_stacked(x) else x, tree, is_leaf=_is_stacked)
+
+
+def restacked(tree: Any, like: Any) -> Any:
+    """`tree`, shaped like `unstacked(like)`, with each part stacked as `like`'s is: the gradient of
+    `unstacked` (the transpose of reading the members of a group is their concatenation)."""
+    return jax.tree.map(lambda x, t: x.restack(t) if _is_stacked(x) else t, like, tree, is_leaf=_is_stacked)
+
+
+def positions(tree: Any, sharding: jax.sharding.Sharding) -> tuple[jax.Array, ...]:
+    """int32 scalars 0, 1, ... up to the largest group of the `Stacked` parts of `tree` (arrays or shapes),
+    placed with `sharding` (replicated): passed into the train step as `unstacked`'s `positions`, so the
+    compiler cannot see which member of a group a kernel reads. Empty when nothing is stacked."""
+    stacked = jax.tree.leaves(tree, is_leaf=_is_stacked)
+    largest = max((len(g) for x in stacked if _is_stacked(x) for g in x.groups), default=0)
+    return tuple(jax.device_put(np.int32(k), sharding) for k in range(largest if largest > 1 else 0))
 
 
 def _layers_axis(leaf: Any, at: int) -> int:

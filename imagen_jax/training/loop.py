@@ -58,9 +58,13 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rules) -
     return out
 
 
-def frozen_inputs(config: ml_collections.ConfigDict, stage: Stage) -> dict[str, Any]:
-    """Weights the step reads but never trains (a frozen text encoder), passed as a step argument."""
-    return {} if config.text.train_jointly else {"text": stage.text.params}
+def frozen_inputs(config: ml_collections.ConfigDict, stage: Stage, params: Any) -> dict[str, Any]:
+    """The step's inputs that never change: weights it reads but never trains (a frozen text encoder) and
+    the positions at which it reads the train state's `params` (arrays or shapes) held stacked by shape."""
+    frozen = {} if config.text.train_jointly else {"text": stage.text.params}
+    if stacking.enabled(config):
+        frozen["positions"] = stacking.positions(params, NamedSharding(stage.mesh, PartitionSpec()))
+    return frozen
 
 
 class _CachedText:
@@ -351,7 +355,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     state, shardings, data_state = initial_state(config, workdir, stage, optimizer)
     start_step = int(jax.device_get(state.step))
 
-    frozen = frozen_inputs(config, stage)
+    frozen = frozen_inputs(config, stage, state.params)
     it = iter(loader)
     if data_state is not None:
         it.set_state(distributed.this_process_iterator_state(data_state))

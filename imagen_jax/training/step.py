@@ -7,7 +7,7 @@ and `update(state, loss, grads) -> (state, metrics)` (clipping, optimizer, EMA, 
 both, as one function. jit, shardings and buffer donation are applied by the caller
 (`imagen_jax.training.loop`), which compiles either the whole step or the two phases as two programs.
 `frozen` carries weights that are inputs but never trained (a frozen text encoder), passed as an argument
-so they are not baked into the program.
+so they are not baked into the program, and the positions of weights held stacked (`stacking.positions`).
 """
 
 from __future__ import annotations
@@ -119,7 +119,6 @@ def make_train_step(
 
     def loss_fn(params: Any, frozen: Any, batch: Batch, rng: jax.Array) -> jax.Array:
         k_t, k_eps, k_drop, k_dropout, k_level, k_aug = jax.random.split(rng, 6)
-        params = stacking.unstacked(params)  # weights held stacked by shape (optim.stack_by_shape)
         text_params = params["text"] if joint_text else frozen.get("text")
         emb, mask = text_embeddings(text_module, text_params, batch)
         emb, mask = drop_captions(emb, mask, k_drop, diff.caption_dropout)
@@ -158,9 +157,13 @@ def make_train_step(
 
     def gradients(state: TrainState, batch: Batch, frozen: Any) -> tuple[jax.Array, Any]:
         rng = jax.random.fold_in(state.rng, state.step)
+        # Weights held stacked by shape (optim.stack_by_shape), read at the positions passed in.
+        params = stacking.unstacked(state.params, frozen.get("positions"))
         if grad_accum_steps > 1:
-            return accumulate_gradients(loss_fn, state.params, frozen, batch, rng, grad_accum_steps)
-        return jax.value_and_grad(loss_fn)(state.params, frozen, batch, rng)
+            loss, grads = accumulate_gradients(loss_fn, params, frozen, batch, rng, grad_accum_steps)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(params, frozen, batch, rng)
+        return loss, stacking.restacked(grads, state.params)
 
     def update(state: TrainState, loss: jax.Array, grads: Any) -> tuple[TrainState, Metrics]:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
