@@ -74,6 +74,7 @@ def model_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen)
     plain = dataclasses.replace(stage, unet=stage.unet.clone(remat=False, scan_blocks=False))
     if stage.unet.scan_blocks:  # the unrolled parameters (and optimizer state) have their own layout
         state, _ = state_lib.abstract_train_state(plain, optimizer)
+        frozen = frozen_inputs(config, plain, state.params)  # and their own stacks to read
     lowered = jax.jit(train_step_fn(config, plain, optimizer)).lower(state, batch, frozen)
     return common.cost_flops(lowered)
 

@@ -82,6 +82,29 @@ def test_train_step_benchmark_of_a_scanned_unet_counts_the_unrolled_models_flops
         assert 100 < r["kernels"] - r["kernels_outside_modules"] < r["kernels"]  # the U-Net's and the rest
 
 
+def test_model_flops_of_a_scanned_unet_held_stacked_by_shape():
+    """With `scan_blocks` and `optim.stack_by_shape` the model's FLOPs come from the unrolled step, whose
+    state is grouped differently (a scanned run's blocks are one parameter there): it reads its own
+    stacks at its own positions, and counts what the unstacked unrolled step counts."""
+    flops = []
+    for stack_by_shape in (False, True):
+        config = get_config("tiny")
+        config.text.train_jointly = False
+        config.model.num_res_blocks = 2  # a run of two identical blocks on the down path
+        config.model.scan_blocks = True
+        config.optim.stack_by_shape = stack_by_shape
+        mesh = train_step.mesh_lib.make_mesh(config.mesh, dcn=config.mesh_dcn)
+        stage = stage_lib.build_stage(config, mesh)
+        optimizer = state_lib.make_optimizer(config.optim, config.train.num_steps)
+        state, _ = state_lib.abstract_train_state(stage, optimizer)
+        frozen = train_step.frozen_inputs(config, stage, state.params)
+        batch = train_step.global_batch(
+            train_step.synthetic_batch(config, stage, "embeddings"), mesh, config.sharding
+        )
+        flops.append(train_step.model_flops(config, stage, optimizer, state, batch, frozen))
+    assert flops[1] == pytest.approx(flops[0], rel=1e-3) and flops[0] > 0
+
+
 def test_kernel_counts_fall_when_the_per_parameter_work_runs_once_per_shape():
     """`common.kernel_counts` counts the compiled program's fused kernels: AdamW's update of eight
     same-shaped parameters has fewer of them held stacked by shape (`stage.stacking`) than one by one;
@@ -125,6 +148,8 @@ def test_weights_read_at_positions_passed_in_compile_as_fewer_distinct_kernels()
     held = stacking.stack(params)
     positions = stacking.positions(held, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     assert [int(p) for p in positions] == list(range(len(names)))
+    with pytest.raises(ValueError, match="2 positions for a group of 6"):
+        stacking.unstacked(held, positions[:2])  # positions made for another grouping
 
     def stacked_grad(held, positions):
         return stacking.restacked(jax.grad(loss)(stacking.unstacked(held, positions)), held)
