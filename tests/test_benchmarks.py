@@ -63,16 +63,21 @@ def test_train_step_benchmark_with_remat_counts_model_and_hardware_flops():
     assert result["hfu"] is None  # CPU
 
 
+def _tiny_with_a_run_of_blocks(scan: bool):
+    config = get_config("tiny")
+    config.text.train_jointly = False
+    config.model.num_res_blocks = 2  # a run of two identical blocks on the down path
+    config.model.scan_blocks = scan
+    return config
+
+
 def test_train_step_benchmark_of_a_scanned_unet_counts_the_unrolled_models_flops():
     """XLA counts a loop body once: with `scan_blocks` the model's FLOPs come from the unrolled step's
     lowering (within a few percent of the compiled count the unrolled form reports); the compile time is
     split into lowering and XLA."""
     results = []
     for scan in (False, True):
-        config = get_config("tiny")
-        config.text.train_jointly = False
-        config.model.num_res_blocks = 2  # a run of two identical blocks on the down path
-        config.model.scan_blocks = scan
+        config = _tiny_with_a_run_of_blocks(scan)
         results.append(train_step.benchmark(config, "embeddings", iters=0, warmup=0, compile_only=True))
     unrolled, scanned = results
     assert scanned["flops_per_image"] == pytest.approx(unrolled["flops_per_image"], rel=0.05)
@@ -88,10 +93,7 @@ def test_model_flops_of_a_scanned_unet_held_stacked_by_shape():
     stacks at its own positions, and counts what the unstacked unrolled step counts."""
     flops = []
     for stack_by_shape in (False, True):
-        config = get_config("tiny")
-        config.text.train_jointly = False
-        config.model.num_res_blocks = 2  # a run of two identical blocks on the down path
-        config.model.scan_blocks = True
+        config = _tiny_with_a_run_of_blocks(scan=True)
         config.optim.stack_by_shape = stack_by_shape
         mesh = train_step.mesh_lib.make_mesh(config.mesh, dcn=config.mesh_dcn)
         stage = stage_lib.build_stage(config, mesh)

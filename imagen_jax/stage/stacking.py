@@ -53,7 +53,7 @@ class Stacked:
     def unstack(self, positions: Sequence[jax.Array] | None = None) -> Any:
         """The tree of parameters, each its own array again; member k of a group read at `positions[k]`
         (int32 scalars holding k, see `positions`) or, without them, at the constant k."""
-        largest = max(map(len, self.groups))
+        largest = max(map(len, self.groups), default=0)
         if positions is not None and largest > 1 and len(positions) < largest:
             raise ValueError(
                 f"{len(positions)} positions for a group of {largest} stacked parameters: make them with "
