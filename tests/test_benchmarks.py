@@ -18,9 +18,11 @@ from configs.shapes import get_config
 from imagen_jax.data import shapes
 from imagen_jax.evaluation.shapes_scorer import score_batch
 from imagen_jax.parallel import memory
+from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import sampling as stage_sampling
 from imagen_jax.stage import stacking
+from imagen_jax.training import loop
 from imagen_jax.training import state as state_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -95,14 +97,13 @@ def test_model_flops_of_a_scanned_unet_held_stacked_by_shape():
     for stack_by_shape in (False, True):
         config = _tiny_with_a_run_of_blocks(scan=True)
         config.optim.stack_by_shape = stack_by_shape
-        mesh = train_step.mesh_lib.make_mesh(config.mesh, dcn=config.mesh_dcn)
+        mesh = mesh_lib.make_mesh(config.mesh, dcn=config.mesh_dcn)
         stage = stage_lib.build_stage(config, mesh)
         optimizer = state_lib.make_optimizer(config.optim, config.train.num_steps)
         state, _ = state_lib.abstract_train_state(stage, optimizer)
-        frozen = train_step.frozen_inputs(config, stage, state.params)
-        batch = train_step.global_batch(
-            train_step.synthetic_batch(config, stage, "embeddings"), mesh, config.sharding
-        )
+        frozen = loop.frozen_inputs(config, stage, state.params)
+        host_batch = train_step.synthetic_batch(config, stage, "embeddings")
+        batch = loop.global_batch(host_batch, mesh, config.sharding)
         flops.append(train_step.model_flops(config, stage, optimizer, state, batch, frozen))
     assert flops[1] == pytest.approx(flops[0], rel=1e-3) and flops[0] > 0
 

@@ -50,10 +50,14 @@ class Stacked:
     groups: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)
     treedef: Any = flax.struct.field(pytree_node=False)
 
+    @property
+    def largest_group(self) -> int:
+        return max(map(len, self.groups), default=0)
+
     def unstack(self, positions: Sequence[jax.Array] | None = None) -> Any:
         """The tree of parameters, each its own array again; member k of a group read at `positions[k]`
         (int32 scalars holding k, see `positions`) or, without them, at the constant k."""
-        largest = max(map(len, self.groups), default=0)
+        largest = self.largest_group
         if positions is not None and largest > 1 and len(positions) < largest:
             raise ValueError(
                 f"{len(positions)} positions for a group of {largest} stacked parameters: make them with "
@@ -131,7 +135,7 @@ def positions(tree: Any, sharding: jax.sharding.Sharding) -> tuple[jax.Array, ..
     placed with `sharding` (replicated): passed into the train step as `unstacked`'s `positions`, so the
     compiler cannot see which member of a group a kernel reads. Empty when nothing is stacked."""
     stacked = jax.tree.leaves(tree, is_leaf=_is_stacked)
-    largest = max((len(g) for x in stacked if _is_stacked(x) for g in x.groups), default=0)
+    largest = max((x.largest_group for x in stacked if _is_stacked(x)), default=0)
     return tuple(jax.device_put(np.int32(k), sharding) for k in range(largest if largest > 1 else 0))
 
 
