@@ -313,6 +313,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "tiny":
         c.data.num_train = 64
         c.data.num_eval = 16
+        # JAX's own setting: the tests point it at one cache for the session (tests/conftest.py), where
+        # a folder per workdir would compile the same tiny programs again in every test.
+        c.compilation_cache_dir = ""
         # Tests exercise the harder path: the text encoder trained jointly (its params in the train state).
         c.text.encoder = "random"
         c.text.train_jointly = True

@@ -12,9 +12,27 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+# One persistent compilation cache for the whole session, through JAX's own settings (read from the
+# environment when jax is imported): the tests compile the tiny config's train step, samplers and
+# benchmarks again and again in other tests, other xdist workers and train.py subprocesses, which inherit
+# this environment. The first process (pytest's, or xdist's controller) makes the folder and removes it at
+# exit. A size limit makes JAX lock the folder around each read and write, so processes never read an
+# entry another is still writing. Programs that compile in under half a second are not worth a file.
+if not os.environ.get("IMAGEN_JAX_TEST_CACHE"):
+    _cache = tempfile.mkdtemp(prefix="imagen_jax_test_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["IMAGEN_JAX_TEST_CACHE"] = _cache
+SESSION_CACHE = os.environ["IMAGEN_JAX_TEST_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_DIR"] = SESSION_CACHE
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -28,23 +46,18 @@ def shared_dir() -> pathlib.Path:
 
 
 @pytest.fixture(autouse=True)
-def _unset_compilation_cache():
-    """Training and loading a stage point JAX's process-wide compilation cache at the test's workdir;
-    unset it afterwards so no test compiles into or loads from another test's cache."""
+def _session_compilation_cache():
+    """Training and loading a stage point JAX's process-wide compilation cache at a config's folder;
+    point it back at the session's afterwards, so no test compiles into or loads from another test's own
+    folder."""
     yield
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    if jax.config.jax_compilation_cache_dir is not None:
-        compilation_cache.set_cache_dir(None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if jax.config.jax_compilation_cache_dir != SESSION_CACHE:
+        compilation_cache.set_cache_dir(SESSION_CACHE)
         compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="session")
-def shared_compilation_cache(tmp_path_factory) -> str:
-    """One persistent compilation cache for runs of the same tiny programs in many workdirs and
-    processes (`config.compilation_cache_dir`), so each compiles once per session, not once per run."""
-    return str(tmp_path_factory.mktemp("compilation_cache"))
 
 
 @pytest.fixture

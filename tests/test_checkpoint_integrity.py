@@ -25,19 +25,10 @@ from imagen_jax.training import loop
 from imagen_jax.training import state as state_lib
 from imagen_jax.training.state import TrainState, make_optimizer
 
-_CACHE = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _session_cache(shared_compilation_cache):
-    """Runs here compile the same tiny programs as other modules' runs: share the session's cache."""
-    _CACHE["dir"] = shared_compilation_cache
-
 
 def _config(root, **train):
     config = get_config("tiny")
     config.data.data_dir = str(root / "data")
-    config.compilation_cache_dir = _CACHE.get("dir") or str(root / "compilation_cache")
     config.train.update({"num_steps": 4, "checkpoint_every": 2, "log_every": 2, **train})
     return config
 

@@ -24,10 +24,9 @@ FSDP_MESH = (("data", 2), ("fsdp", 4), ("tensor", 1))
 MIN_SHARD_SIZE = 1024
 
 
-def _config(root, preset="dp", mesh=(("data", -1), ("fsdp", 1), ("tensor", 1)), cache=""):
+def _config(root, preset="dp", mesh=(("data", -1), ("fsdp", 1), ("tensor", 1))):
     config = get_config("tiny")
     config.data.data_dir = str(root / "data")
-    config.compilation_cache_dir = cache or str(root / "compilation_cache")
     config.train.update({"num_steps": 4, "checkpoint_every": 2, "log_every": 2, "keep_checkpoints": 2})
     config.mesh = mesh
     config.sharding.preset = preset
@@ -47,16 +46,16 @@ def _assert_bitwise_equal(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shared_compilation_cache):
+def runs(tmp_path_factory):
     """A 4-step data-parallel run on all 8 devices (checkpoints 2 and 4), and the same run resumed from its
     step-2 checkpoint on a data=2 x fsdp=4 mesh with the fsdp preset up to step 4 (with rematerialisation
     switched on: it changes the computation, not the checkpoint, so resuming accepts it)."""
     root = tmp_path_factory.mktemp("mesh_restore")
-    dp_config = _config(root, cache=shared_compilation_cache)
+    dp_config = _config(root)
     dp_state = loop.train_and_evaluate(dp_config, str(root / "dp"))
     shutil.copytree(root / "dp", root / "fsdp")
     shutil.rmtree(root / "fsdp" / "checkpoints" / "4")
-    fsdp_config = _config(root, "fsdp", FSDP_MESH, shared_compilation_cache)
+    fsdp_config = _config(root, "fsdp", FSDP_MESH)
     fsdp_config.model.remat, fsdp_config.model.remat_policy = True, "dots_saveable"
     fsdp_state = loop.train_and_evaluate(fsdp_config, str(root / "fsdp"))
     host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731

@@ -159,10 +159,9 @@ def test_scanned_blocks_train_as_the_unrolled_model():
             assert np.abs(kernel - init[f"{name}_res"]["conv1"]["kernel"]).max() > 1e-4, name
 
 
-def _config(root, cache, **optim):
+def _config(root, **optim):
     config = get_config("tiny")
     config.data.data_dir = str(root / "data")
-    config.compilation_cache_dir = cache
     config.train.update({"num_steps": 4, "checkpoint_every": 2, "log_every": 2, "keep_checkpoints": 2})
     config.mesh = FSDP_MESH
     config.sharding.preset = "fsdp"
@@ -177,10 +176,8 @@ def _spec(x):
     return spec + (None,) * (x.ndim - len(spec))
 
 
-def test_stacked_state_is_sharded_like_its_parameters_and_resumes_only_in_its_layout(
-    tmp_path, shared_compilation_cache
-):
-    config = _config(tmp_path, shared_compilation_cache)
+def test_stacked_state_is_sharded_like_its_parameters_and_resumes_only_in_its_layout(tmp_path):
+    config = _config(tmp_path)
     whole = loop.train_and_evaluate(config, str(tmp_path / "whole"))
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
@@ -190,7 +187,7 @@ def test_stacked_state_is_sharded_like_its_parameters_and_resumes_only_in_its_la
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # A run resumes only in the layout it began with, and says how.
-    other = _config(tmp_path, shared_compilation_cache, stack_by_shape=False)
+    other = _config(tmp_path, stack_by_shape=False)
     expected = r"optim.stack_by_shape=True.*--config.optim.stack_by_shape=True"
     with pytest.raises(CheckpointError, match=expected):
         loop.train_and_evaluate(other, str(tmp_path / "whole"))

@@ -103,9 +103,10 @@ def test_compilation_cache_follows_the_runs_workdir(tmp_path, compilation_cache_
             dict(compilation_cache_dir=cache_dir, compilation_cache_min_compile_seconds=0.0)
         )
 
+    own = jax.config.jax_compilation_cache_dir  # JAX's own setting (the tests set one for the session)
     assert xla_options.use_compilation_cache(cache_config(""), str(tmp_path)) is None
     assert xla_options.use_compilation_cache(ml_collections.ConfigDict(), str(tmp_path)) is None  # old config
-    assert jax.config.jax_compilation_cache_dir is None
+    assert jax.config.jax_compilation_cache_dir == own
     hits = compilation_cache_hits
 
     def compile_program(scale):
