@@ -1,4 +1,5 @@
-"""Test setup: an 8-device CPU mesh for every test (the flag must be set before jax is imported)."""
+"""Test setup: an 8-device CPU mesh for every test and one compilation cache for the session (both set
+before jax is imported)."""
 
 import os
 
@@ -31,9 +32,10 @@ if not os.environ.get("IMAGEN_JAX_TEST_CACHE"):
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["IMAGEN_JAX_TEST_CACHE"] = _cache
 SESSION_CACHE = os.environ["IMAGEN_JAX_TEST_CACHE"]
+MIN_CACHE_SECONDS = 0.5
 os.environ["JAX_COMPILATION_CACHE_DIR"] = SESSION_CACHE
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(MIN_CACHE_SECONDS)
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -55,7 +57,7 @@ def _session_compilation_cache():
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHE_SECONDS)
     if jax.config.jax_compilation_cache_dir != SESSION_CACHE:
         compilation_cache.set_cache_dir(SESSION_CACHE)
         compilation_cache.reset_cache()
