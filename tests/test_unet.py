@@ -171,6 +171,20 @@ def test_unconditional_rows_ignore_text_and_padding_is_ignored(text_positions):
     assert not np.allclose(apply(text, mask), apply(text, null), atol=1e-4)
 
 
+def test_each_image_reads_only_its_own_caption():
+    # The tokens reach the attention layers flattened over the batch: a batch must compute what its rows
+    # compute one at a time.
+    model = UNet(**SMALL, text_positions=True)
+    z, logsnr, text, mask = _inputs(batch=3)
+    params = _perturbed(model.init(jax.random.PRNGKey(1), z, logsnr, text, mask)["params"])
+    apply = jax.jit(lambda *args: model.apply({"params": params}, *args))
+    batched = apply(z, logsnr, text, mask)
+    for i in range(3):
+        row = apply(z[i : i + 1], logsnr[i : i + 1], text[i : i + 1], mask[i : i + 1])
+        np.testing.assert_allclose(batched[i : i + 1], row, atol=2e-5)
+    assert not np.allclose(batched[0], apply(z[:1], logsnr[:1], text[1:2], mask[1:2])[0], atol=1e-4)
+
+
 def test_word_order_reaches_the_unet_only_through_text_positions():
     z, logsnr, text, _ = _inputs()
     mask = jnp.ones(text.shape[:2], bool)

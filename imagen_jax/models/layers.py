@@ -197,12 +197,14 @@ class CrossAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, text: jax.Array, text_mask: jax.Array) -> jax.Array:
+        """x: [B,H,W,C]; text: [B*L, D], the tokens flattened over the batch; text_mask: [B,L]."""
         b, hh, ww, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layer_norm(name="norm", param_dtype=self.param_dtype)(x.reshape(b, hh * ww, c)).astype(self.dtype)
         q = _heads_proj(self.num_heads, self.head_dim, name="query", **kw)(h)
-        k = _heads_proj(self.num_heads, self.head_dim, name="key", **kw)(text)
-        v = _heads_proj(self.num_heads, self.head_dim, name="value", **kw)(text)
+        kv_shape = text_mask.shape + (self.num_heads, self.head_dim)
+        k = _heads_proj(self.num_heads, self.head_dim, name="key", **kw)(text).reshape(kv_shape)
+        v = _heads_proj(self.num_heads, self.head_dim, name="value", **kw)(text).reshape(kv_shape)
         if self.learned_null:
             null_kv = self.param(
                 "null_kv",
@@ -258,7 +260,7 @@ class AttentionPool(nn.Module):
         )
         k = _heads_proj(self.num_heads, self.head_dim, name="key", **kw)(tokens)
         v = _heads_proj(self.num_heads, self.head_dim, name="value", **kw)(tokens)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)[:, 0]
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
@@ -266,7 +268,7 @@ class AttentionPool(nn.Module):
             **kw,
             kernel_init=_init(nn.initializers.lecun_normal(), (axes.HEADS, axes.KV, axes.EMBED)),
             bias_init=_init(nn.initializers.zeros, (axes.EMBED,)),
-        )(out)[:, 0]
+        )(out)
 
 
 class Downsample(nn.Module):
