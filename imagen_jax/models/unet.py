@@ -385,7 +385,7 @@ class UNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         cond, tokens = self._conditioning(logsnr, text, text_mask, aug_logsnr)
-        # Flattened once here, so that the gradients of the ~20 cross-attention layers' key and value
+        # Flattened once here, so that the gradients of every cross-attention layer's key and value
         # projections add up without a reshape each: XLA's simplifier moves such reshapes one op per pass
         # and ran its whole-program passes to their iteration limit on the bf16 U-Nets.
         tokens = tokens.reshape(-1, tokens.shape[-1])
