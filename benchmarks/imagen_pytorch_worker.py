@@ -13,6 +13,7 @@ Offline shims, both for import-time side effects of imagen-pytorch that have not
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import json
 import sys
 import time
@@ -22,6 +23,12 @@ import common  # torch-free: timing helpers shared with the JAX side
 
 
 def _install_shims() -> None:
+    if importlib.util.find_spec("torchvision") is not None:
+        raise SystemExit(
+            "imagen_pytorch_worker: this venv has torchvision, which does not import beside the CPU torch "
+            "wheel and breaks transformers' import; run `pip uninstall torchvision` in it (the worker stubs "
+            "it; the venv recipe is in docs/benchmarks.md)."
+        )
     import transformers  # first: it probes for torchvision and must find none
 
     def offline_config(cls, name, *args, **kwargs):  # noqa: ARG001 - same signature as from_pretrained

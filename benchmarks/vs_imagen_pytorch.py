@@ -3,8 +3,8 @@ r"""imagen_jax side by side with imagen-pytorch: same architecture, batch, image
     python benchmarks/vs_imagen_pytorch.py --config configs/bench_tiny.py \
         --torch_python /path/to/venv-with-imagen-pytorch/bin/python
 
-imagen_jax never imports torch, so imagen-pytorch runs in its own interpreter (a separate venv:
-`python -m venv v && v/bin/pip install torch==2.13.0 imagen-pytorch`, see README), through
+imagen_jax never imports torch, so imagen-pytorch runs in its own interpreter (a separate venv without
+torchvision, made as docs/benchmarks.md says), through
 `benchmarks/imagen_pytorch_worker.py`, one process after the other on the same machine. --torch_python
 defaults to $IMAGEN_PYTORCH_PYTHON, else this interpreter if it can import imagen_pytorch; without one the
 comparison is skipped with a message and only the JAX numbers are written.
