@@ -281,9 +281,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     # Ancestral sampling: the fresh noise of each step corrects this short-trained model's errors, which
     # the deterministic samplers (DDIM, DPM-Solver++ 2M) carry to the image at any step count; with it,
-    # 15 steps score as 100 do with guidance and without; more add background grain rather than accuracy,
-    # and 10 lose objects without guidance (docs/benchmarks.md, few-step sampling). "dpmpp2m_sde" is its
-    # second-order form.
+    # at the demo's guidance 15 steps score as 100 do (more add background grain, not accuracy); without
+    # guidance they lose no more than 25 do, while 10 lose objects (docs/benchmarks.md, few-step sampling).
+    # "dpmpp2m_sde" is its second-order form.
     c.sample.sampler = "ddpm"
     c.sample.num_steps = 15
     c.sample.time_grid = "uniform"  # "quadratic" (denser near t=0) for 20-25 step DPM-Solver++
