@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -128,6 +129,62 @@ def cost_flops(*programs: Any) -> float | None:
             return None
         total += float(cost["flops"])
     return total
+
+
+def matmul_conv_flops(fn: Callable, *args: Any) -> float:
+    """FLOPs of the matrix products and convolutions in one call of `fn` (2 per multiply-add), counted in
+    its jaxpr, as PyTorch's `FlopCounterMode` counts them: every output position times the whole kernel
+    window, padding included. XLA's count (`cost_flops`) also counts elementwise work, so only this one
+    compares work across frameworks. A transposed convolution counts as the convolution it transposes, so a
+    strided convolution's input gradient counts as its forward pass, as PyTorch counts it.
+    Loops count each iteration; a while loop's trip count is unknown and is refused."""
+    import jax
+
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr: Any) -> float:
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            shared = math.prod(lhs[i] for i in (*lhs_contract, *lhs_batch))
+            total += 2.0 * math.prod(lhs) * math.prod(rhs) / shared
+        elif name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        elif name == "while":
+            raise ValueError("matmul_conv_flops: a while loop's trip count is unknown; unroll it.")
+        subs = [v for p in eqn.params.values() for v in (p if isinstance(p, (tuple, list)) else (p,))]
+        sub_flops = [
+            _jaxpr_flops(s.jaxpr if isinstance(s, ClosedJaxpr) else s)
+            for s in subs
+            if isinstance(s, (ClosedJaxpr, Jaxpr))
+        ]
+        if name == "cond":  # one branch runs
+            total += max(sub_flops, default=0.0)
+        else:
+            total += sum(sub_flops) * eqn.params.get("length", 1)  # scan: per iteration
+    return total
+
+
+def _conv_flops(eqn: Any) -> float:
+    p = eqn.params
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+    out = eqn.outvars[0].aval.shape
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    # Pairs of (output position, kernel tap) per spatial dimension. A dilated input is a transposed
+    # convolution (e.g. a strided convolution's input gradient): each real input element meets every tap,
+    # as each output position of the convolution it transposes did; the zeros between them count nothing.
+    taps = 1
+    for d in range(len(p["window_strides"])):
+        size, kernel, out_size = lhs[lhs_spec[2 + d]], rhs[rhs_spec[2 + d]], out[out_spec[2 + d]]
+        taps *= (out_size if p["lhs_dilation"][d] == 1 else size) * kernel
+    batch = lhs[lhs_spec[0]] // p["batch_group_count"]
+    return 2.0 * batch * rhs[rhs_spec[0]] * rhs[rhs_spec[1]] * taps
 
 
 _FUSION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? fusion\(")

@@ -17,6 +17,8 @@ only; CPUs report FLOP/s). With `model.remat` the compiled step also recomputes 
 counts the model's FLOPs (the same step without remat, from its lowering: nothing is compiled twice) and
 HFU the FLOPs the hardware executed. With `model.scan_blocks` XLA counts each loop body once, so the
 model's FLOPs come from the unrolled step's lowering and the hardware FLOPs are a lower bound.
+`matmul_conv_flops_per_image` counts only the model's matrix products and convolutions, as PyTorch's
+FLOP counter does: the count to compare across frameworks (`benchmarks/vs_imagen_pytorch.py`).
 """
 
 from __future__ import annotations
@@ -67,16 +69,27 @@ def synthetic_batch(config, stage: stage_lib.Stage, text: str, seed: int = 0) ->
     return batch
 
 
-def model_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen) -> float | None:
-    """FLOPs of one step of the model as defined: XLA's count of the lowered (unoptimised) step with
-    `remat` off (no recomputation) and the blocks unrolled (XLA counts a loop's body once, not per
-    iteration), which is within ~2% of the compiled count on the configs tried. Only lowered."""
+def plain_step(config, stage: stage_lib.Stage, optimizer, state, frozen):
+    """(step, state, frozen): the step of the model as defined, with `remat` off (no recomputation) and
+    the blocks unrolled (XLA counts a loop's body once, not per iteration), and its inputs."""
     plain = dataclasses.replace(stage, unet=stage.unet.clone(remat=False, scan_blocks=False))
     if stage.unet.scan_blocks:  # the unrolled parameters (and optimizer state) have their own layout
         state, _ = state_lib.abstract_train_state(plain, optimizer)
         frozen = frozen_inputs(config, plain, state.params)  # and their own stacks to read
-    lowered = jax.jit(train_step_fn(config, plain, optimizer)).lower(state, batch, frozen)
-    return common.cost_flops(lowered)
+    return train_step_fn(config, plain, optimizer), state, frozen
+
+
+def model_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen) -> float | None:
+    """FLOPs of one step of the model as defined: XLA's count of the lowered (unoptimised) plain step,
+    which is within ~2% of the compiled count on the configs tried. Only lowered."""
+    step, state, frozen = plain_step(config, stage, optimizer, state, frozen)
+    return common.cost_flops(jax.jit(step).lower(state, batch, frozen))
+
+
+def matmul_conv_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen) -> float:
+    """FLOPs of the plain step's matrix products and convolutions, counted as PyTorch counts them."""
+    step, state, frozen = plain_step(config, stage, optimizer, state, frozen)
+    return common.matmul_conv_flops(step, state, batch, frozen)
 
 
 def compiled_memory(compiled: CompiledTrainStep) -> dict[str, int | None]:
@@ -180,6 +193,7 @@ def benchmark(
         "lower_seconds": compile_s.lower,
         "xla_compile_seconds": compile_s.xla,
         "flops_per_image": flops / b if flops else None,
+        "matmul_conv_flops_per_image": matmul_conv_flops(config, stage, optimizer, state, batch, frozen) / b,
         "hardware_flops_per_image": hardware_flops / b if hardware_flops else None,
         **compiled_memory(compiled),
         **common.kernel_counts(compiled),

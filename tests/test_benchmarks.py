@@ -83,10 +83,42 @@ def test_train_step_benchmark_of_a_scanned_unet_counts_the_unrolled_models_flops
         results.append(train_step.benchmark(config, "embeddings", iters=0, warmup=0, compile_only=True))
     unrolled, scanned = results
     assert scanned["flops_per_image"] == pytest.approx(unrolled["flops_per_image"], rel=0.05)
+    assert scanned["matmul_conv_flops_per_image"] == unrolled["matmul_conv_flops_per_image"] > 0
     assert scanned["hardware_flops_per_image"] < 0.99 * scanned["flops_per_image"]
     for r in results:
         assert r["compile_seconds"] == pytest.approx(r["lower_seconds"] + r["xla_compile_seconds"])
         assert 100 < r["kernels"] - r["kernels_outside_modules"] < r["kernels"]  # the U-Net's and the rest
+
+
+def _conv(x, w, stride):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def test_matmul_conv_flops_count_as_pytorch_counts():
+    """A 3x3 convolution, a strided one and a dense layer, differentiated for their weights. For the same
+    layers (Conv2d(4, 5, 3, padding=1), Conv2d(5, 6, 3, stride=2, padding=1)) PyTorch's FlopCounterMode
+    reports 144,000 FLOPs (torch 2.13): both forward passes, both weight gradients and the strided
+    convolution's input gradient, each as large as the forward pass it comes from."""
+    x = jnp.ones((2, 8, 8, 4))
+    weights = (jnp.ones((3, 3, 4, 5)), jnp.ones((3, 3, 5, 6)), jnp.ones((6, 7)))
+
+    def loss(ws):
+        h = _conv(_conv(x, ws[0], 1), ws[1], 2)
+        return (h @ ws[2]).sum()
+
+    first, strided = 2 * 2 * 8 * 8 * 5 * 4 * 9, 2 * 2 * 4 * 4 * 6 * 5 * 9
+    assert first * 2 + strided * 3 == 144_000
+    dense = 2 * (2 * 4 * 4) * 6 * 7  # forward; its gradients: weights and input, each as large
+    assert common.matmul_conv_flops(jax.grad(loss), weights) == 144_000 + 3 * dense
+    # A scan's body counts once per iteration; a while loop's trip count is unknown.
+    a = jnp.ones((7, 11))
+    looped = lambda a: jax.lax.scan(lambda c, _: (c @ c.T @ c, None), a, None, length=4)[0]  # noqa: E731
+    assert common.matmul_conv_flops(looped, a) == 4 * 2 * (7 * 11 * 7 + 7 * 7 * 11)
+    until = lambda a: jax.lax.while_loop(lambda c: c.sum() < 0, lambda c: c @ c.T @ c, a)  # noqa: E731
+    with pytest.raises(ValueError, match="while loop"):
+        common.matmul_conv_flops(until, a)
 
 
 def test_model_flops_of_a_scanned_unet_held_stacked_by_shape():
