@@ -1,4 +1,4 @@
-r"""imagen_jax side by side with imagen-pytorch: same architecture, batch, image size, text and threads.
+r"""imagen_jax side by side with imagen-pytorch: same U-Net settings, batch, image size, text and threads.
 
     python benchmarks/vs_imagen_pytorch.py --config configs/bench_tiny.py \
         --torch_python /path/to/venv-with-imagen-pytorch/bin/python
@@ -11,7 +11,9 @@ comparison is skipped with a message and only the JAX numbers are written.
 
 Both sides get random text embeddings (no T5), the v objective, the cosine schedule, 10% caption dropout,
 AdamW + gradient clipping + an EMA update per training step, and guidance at the same weight when
-sampling. What still differs (listed in the JSON too) is in `DIFFERENCES`.
+sampling. What still differs (listed in the JSON too) is in `DIFFERENCES`; the two U-Nets built from the
+same settings differ in size, so the table also gives each step's matmul and convolution FLOPs, counted
+alike, and the rate per unit of that work.
 """
 
 from __future__ import annotations
