@@ -135,7 +135,8 @@ def matmul_conv_flops(fn: Callable, *args: Any) -> float:
     """FLOPs of the matrix products and convolutions in one call of `fn` (2 per multiply-add), counted in
     its jaxpr, as PyTorch's `FlopCounterMode` counts them: every output position times the whole kernel
     window, padding included. XLA's count (`cost_flops`) also counts elementwise work, so only this one
-    compares work across frameworks. A transposed convolution counts as the convolution it transposes, so a
+    compares work across frameworks (`jax.experimental.roofline` counts only a convolution's taps inside
+    the input, as XLA does). A transposed convolution counts as the convolution it transposes, so a
     strided convolution's input gradient counts as its forward pass, as PyTorch counts it.
     Loops count each iteration; a while loop's trip count is unknown and is refused."""
     import jax
