@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue 5 for a lent device machine, one call each (default phase: at most 9 min):
-#   bash benchmarks/device/gpu_benchmarks.sh     (the base U-Net; the call carries `.whl`: fetch_wheels.sh)
-#   PHASES="small sampling" bash benchmarks/device/gpu_benchmarks.sh       (bench_small, 3.5 min at most)
-#   PHASES=remat ... ; PHASES=cudnn ... ; PHASES=scan ... ; PHASES=whole ...   (the base U-Net with remat /
-#   cuDNN / scan / the step as one program)
+# The GPU benchmarks for a lent device machine, one call (the call carries `.whl`: fetch_wheels.sh):
+#   bash benchmarks/device/gpu_benchmarks.sh
+# runs, by default, the base U-Net's train step twice within BUDGET_S seconds (default 540), at BASE_BATCH
+# (default 64 on cards over 100 GB, where it fit the H200 on 2026-12-04 without remat, else 16):
+#   cudnn:cublas  self-attention through cuDNN's fused kernel, GEMMs through cuBLAS
+#   base          XLA's defaults (Triton GEMMs, autotuned at compile)
+# each against the H200's base:cublas run at batch 64 (docs/benchmarks.md).
+# PHASES picks and orders others: base, big (the largest batch, at most 4x, that an earlier base phase's
+# memory plan says fits), remat (at REMAT_BATCH, default 128 or 64), cudnn, scan (model.scan_blocks), whole
+# (the step as one program), small and sampling (bench_small); any phase suffixed ':cublas' runs with
+# --xla_gpu_enable_triton_gemm=false.
 # Writes each result's JSON and one log to $OUT (or benchmarks/results/gpu/ when OUT is unset; the device
-# tool brings back at most 8 files). Each phase has its own time limit, so one that runs out of memory or
-# time does not cost the others, and prints progress lines, so one stopped at its limit says how far it
-# got. Batch sizes: BASE_BATCH (the ~2B base U-Net without remat; default 8, 16 on cards over 100 GB) and
-# REMAT_BATCH (with remat; default 32, or 64); each base U-Net phase halves a batch whose memory plan does
-# not fit (--fit_batch).
+# tool brings back at most 8 files). Each phase runs under its own time limit, cut to what is left of the
+# budget, so one that runs out of memory or time does not cost the others; phases print progress lines, so
+# one stopped at its limit says how far it got. Base U-Net phases halve a batch whose memory plan does not
+# fit (--fit_batch). BASE_CONFIG swaps the model (a tiny config dry-runs this script on any host).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
+deadline=$((SECONDS + ${BUDGET_S:-540}))
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
@@ -25,51 +31,103 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log
 python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections, grain, tensorflow_datasets;
 print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tee -a "$log" || exit 1
 
-run() {  # name, time limit (s), script and flags
-  local name="$1" limit="$2"
-  shift 2
-  timeout "$limit" python3 "$@" --json "$out/$name.json" > "/tmp/$name.log" 2>&1
+run() {  # name, time limit (s), extra XLA flags, script and flags
+  local name="$1" cap="$2" xla="$3"
+  shift 3
+  local left=$((deadline - SECONDS - 15))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 60 ]; then
+    echo "== $name: skipped, ${left} s of BUDGET_S left" | tee -a "$log"
+    return
+  fi
+  echo "== $name: started $(date -u +%T), limit ${limit} s, XLA_FLAGS='${XLA_FLAGS:-}${xla}'" | tee -a "$log"
+  XLA_FLAGS="${XLA_FLAGS:-}${xla}" timeout "$limit" python3 "$@" --json "$out/$name.json" \
+    > "/tmp/$name.log" 2>&1
   local status=$?
   { echo "== $name: exit $status"; grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -40; } >> "$log"
   echo "== $name: exit $status"
-  grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -3
+  grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -4
 }
-base="configs/imagen_base64.py:bench"
+
+# The largest batch (a multiple of 8, at most 4x) that the memory plan in JSON $1 says fits the device;
+# 0 if none larger. Each image's share is the plan less the fp32 weights, EMA and gradients (12 bytes per
+# parameter), so the rest of the fixed part counts as per-image too: the estimate errs small.
+largest_batch() {
+  python3 - "$1" << 'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+b, plan, limit = r["batch_size"], r.get("planned_bytes"), r.get("device_memory_limit_bytes")
+if not plan or not limit:
+    print(0)
+    sys.exit()
+fixed = 12 * r["unet_params"]
+fit = int((0.95 * limit - fixed) // max((plan - fixed) / b, 1)) // 8 * 8
+print(min(fit, 4 * b) if fit > b else 0)
+EOF
+}
+
+base="${BASE_CONFIG:-configs/imagen_base64.py:bench}"
 # Default batches by the card's memory (an H200 has 141 GB, an H100 80 GB); override with the variables.
 mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 if [ "${mem_mib:-0}" -gt 100000 ]; then big=1; else big=0; fi
-base_batch="${BASE_BATCH:-$((big ? 16 : 8))}"
-remat_batch="${REMAT_BATCH:-$((big ? 64 : 32))}"
-# PHASES picks and orders the phases (default: base). The first lent H200 (2026-11-27) showed that GPU
-# compiles, not steps, take the time: bench_small's train step took 69 s to compile (with XLA's
-# autotuning; 34 s with --xla_gpu_autotune_level=0, but then the step ran 74x slower), and the base
-# U-Net's step compiles ~7x longer than bench_small's on CPU, so it gets a device call of its own.
-for phase in ${PHASES:-base}; do
-  case "$phase" in
+base_batch="${BASE_BATCH:-$((big ? 64 : 16))}"
+remat_batch="${REMAT_BATCH:-$((big ? 128 : 64))}"
+last_json=""
+# The lent H200s showed that GPU compiles, not steps, take the time: bench_small's train step took 69 s to
+# compile (2026-11-27), half of it autotuning, and without autotuning the step ran 74x slower; the base
+# U-Net's took 111 s at batch 16 and 211 s at batch 64 (2026-12-04) with cuBLAS GEMMs, and more than 36 s
+# with Triton's (the phase ran out of time). Triton GEMMs are autotuned over many generated kernels each,
+# cuBLAS picks among its own.
+for phase in ${PHASES:-cudnn:cublas base}; do
+  name="${phase%%:*}" xla="" suffix=""
+  if [ "$phase" != "$name" ]; then
+    [ "${phase#*:}" = cublas ] || { echo "unknown variant in $phase (only :cublas)"; exit 2; }
+    xla=" --xla_gpu_enable_triton_gemm=false" suffix="_cublas"
+  fi
+  train=(benchmarks/train_step.py --config "$base" --iters 10 --fit_batch)
+  case "$name" in
     base)
-      run train_base64_bf16 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
-        --config.train.batch_size="$base_batch"
-      # A later phase in the same call starts from the batch this one settled on.
-      fitted=$(python3 -c "import json; print(json.load(open('$out/train_base64_bf16.json'))['batch_size'])" \
-        2>/dev/null) && base_batch="$fitted" ;;
+      run "train_base64_bf16$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$base_batch"
+      last_json="$out/train_base64_bf16$suffix.json"
+      # Later phases start from the batch this one settled on.
+      fitted=$(python3 -c "import json; print(json.load(open('$last_json'))['batch_size'])" 2>/dev/null) \
+        && base_batch="$fitted" ;;
+    big)
+      batch=0
+      [ -f "$last_json" ] && batch=$(largest_batch "$last_json")
+      if [ "$batch" -gt 0 ]; then
+        run "train_base64_bf16_b${batch}$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$batch"
+      else
+        echo "== big: skipped, no earlier base phase's plan says a larger batch fits" | tee -a "$log"
+      fi ;;
+    remat)
+      run "train_base64_bf16_remat$suffix" 540 "$xla" "${train[@]}" --config.model.remat=True \
+        --config.train.batch_size="$remat_batch" ;;
+    cudnn)
+      run "train_base64_bf16_cudnn$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$base_batch" \
+        --config.model.attention_impl=cudnn ;;
+    scan)  # identical blocks as loops (model.scan_blocks): compile time and step time against `base`
+      run "train_base64_bf16_scan$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$base_batch" \
+        --config.model.scan_blocks=True ;;
+    whole)  # the step as one program (train.separate_update=False): compile and step time against `base`
+      run "train_base64_bf16_whole$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$base_batch" \
+        --config.train.separate_update=False ;;
     small)
-      run train_bench_small_bf16 150 benchmarks/train_step.py --config configs/bench_small.py \
+      run "train_bench_small_bf16$suffix" 150 "$xla" benchmarks/train_step.py --config configs/bench_small.py \
         --config.model.dtype=bfloat16 ;;
     sampling)
-      run sampling_bench_small_bf16 60 benchmarks/sampling.py --config configs/bench_small.py \
+      run "sampling_bench_small_bf16$suffix" 60 "$xla" benchmarks/sampling.py --config configs/bench_small.py \
         --config.model.dtype=bfloat16 --samplers dpmpp2m --steps 25 --guidance 3 ;;
-    remat)
-      run train_base64_bf16_remat 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
-        --config.model.remat=True --config.train.batch_size="$remat_batch" ;;
-    cudnn)
-      run train_base64_bf16_cudnn 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
-        --config.train.batch_size="$base_batch" --config.model.attention_impl=cudnn ;;
-    scan)  # identical blocks as loops (model.scan_blocks): compile time and step time against `base`
-      run train_base64_bf16_scan 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
-        --config.train.batch_size="$base_batch" --config.model.scan_blocks=True ;;
-    whole)  # the step as one program (train.separate_update=False): compile and step time against `base`
-      run train_base64_bf16_whole 540 benchmarks/train_step.py --config "$base" --iters 10 --fit_batch \
-        --config.train.batch_size="$base_batch" --config.train.separate_update=False ;;
-    *) echo "unknown phase $phase (base small sampling remat cudnn scan whole)"; exit 2 ;;
+    *) echo "unknown phase $phase (base big small sampling remat cudnn scan whole)"; exit 2 ;;
   esac
 done
+# One table of every train result, last in the output (the device tool returns the output's end).
+python3 - "$out" << 'EOF' | tee -a "$log"
+import glob, json, os, sys
+keys = ("batch_size", "compile_seconds", "lower_seconds", "xla_compile_seconds", "images_per_second", "mfu",
+        "hfu", "planned_bytes", "device_memory_limit_bytes", "peak_bytes")
+print("phase", *keys)
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "train_*.json")), key=os.path.getmtime):
+    r = json.load(open(path))
+    print(os.path.basename(path)[:-5], *(f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k) for k in keys))
+EOF
