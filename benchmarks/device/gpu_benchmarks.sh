@@ -7,7 +7,7 @@
 #   base          XLA's defaults (Triton GEMMs, autotuned at compile)
 # each against the H200's base:cublas run at batch 64 (docs/benchmarks.md).
 # PHASES picks and orders others: base, big (the largest batch, at most 4x, that an earlier base phase's
-# memory plan says fits), remat (at REMAT_BATCH, default 128 or 64), cudnn, scan (model.scan_blocks), whole
+# device peak says fits), remat (at REMAT_BATCH, default 128 or 64), cudnn, scan (model.scan_blocks), whole
 # (the step as one program), small and sampling (bench_small); any phase suffixed ':cublas' runs with
 # --xla_gpu_enable_triton_gemm=false.
 # Writes each result's JSON and one log to $OUT (or benchmarks/results/gpu/ when OUT is unset; the device
@@ -49,19 +49,21 @@ run() {  # name, time limit (s), extra XLA flags, script and flags
   grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -4
 }
 
-# The largest batch (a multiple of 8, at most 4x) that the memory plan in JSON $1 says fits the device;
-# 0 if none larger. Each image's share is the plan less the fp32 weights, EMA and gradients (12 bytes per
-# parameter), so the rest of the fixed part counts as per-image too: the estimate errs small.
+# The largest batch (a multiple of 8, at most 4x) that the device's peak memory in JSON $1 says fits; 0 if
+# none larger. Each image's share is the peak less the fp32 weights and EMA (8 bytes per parameter), so
+# the rest of the fixed part counts as per-image too and the estimate errs small: from the H200's batch-16
+# run (2026-12-04) it gives 56, where 64 ran and about 79 would fit. XLA's plan would not do: the device's
+# peak ran 10 GB over it.
 largest_batch() {
   python3 - "$1" << 'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-b, plan, limit = r["batch_size"], r.get("planned_bytes"), r.get("device_memory_limit_bytes")
-if not plan or not limit:
+b, peak, limit = r["batch_size"], r.get("peak_bytes"), r.get("device_memory_limit_bytes")
+if r.get("kind") != "device" or not peak or not limit:
     print(0)
     sys.exit()
-fixed = 12 * r["unet_params"]
-fit = int((0.95 * limit - fixed) // max((plan - fixed) / b, 1)) // 8 * 8
+fixed = 8 * r["unet_params"]
+fit = int((0.95 * limit - fixed) // max((peak - fixed) / b, 1)) // 8 * 8
 print(min(fit, 4 * b) if fit > b else 0)
 EOF
 }
@@ -98,7 +100,7 @@ for phase in ${PHASES:-cudnn:cublas base}; do
       if [ "$batch" -gt 0 ]; then
         run "train_base64_bf16_b${batch}$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$batch"
       else
-        echo "== big: skipped, no earlier base phase's plan says a larger batch fits" | tee -a "$log"
+        echo "== big: skipped, no earlier base phase's device peak says a larger batch fits" | tee -a "$log"
       fi ;;
     remat)
       run "train_base64_bf16_remat$suffix" 540 "$xla" "${train[@]}" --config.model.remat=True \
