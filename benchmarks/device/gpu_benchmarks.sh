@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU benchmarks for a lent device machine, one call (the call carries `.whl`: fetch_wheels.sh):
 #   bash benchmarks/device/gpu_benchmarks.sh
-# runs, by default, the base U-Net's train step twice within BUDGET_S seconds (default 540), at BASE_BATCH
-# (default 64 on cards over 100 GB, where it fit the H200 on 2026-12-04 without remat, else 16):
-#   cudnn:cublas  self-attention through cuDNN's fused kernel, GEMMs through cuBLAS
-#   base          XLA's defaults (Triton GEMMs, autotuned at compile)
-# each against the H200's base:cublas run at batch 64 (docs/benchmarks.md).
+# runs, by default, the base U-Net's train step twice within BUDGET_S seconds (default 540):
+#   cudnn:cublas  at BASE_BATCH (default 64 on cards over 100 GB, where it fit the H200 on 2026-12-04
+#                 without remat, else 16): self-attention through cuDNN's fused kernel, cuBLAS GEMMs
+#   base@16       at batch 16 with XLA's defaults (Triton GEMMs, autotuned at compile)
+# against the H200's base:cublas runs at batch 64 and 16 (docs/benchmarks.md); the second phase is at 16
+# because a batch-64 step took 211 s to compile there, and both must fit one call.
 # PHASES picks and orders others: base, big (the largest batch, at most 4x, that an earlier base phase's
 # device peak says fits), remat (at REMAT_BATCH, default 128 or 64), cudnn, scan (model.scan_blocks), whole
 # (the step as one program), small and sampling (bench_small); any phase suffixed ':cublas' runs with
-# --xla_gpu_enable_triton_gemm=false.
+# --xla_gpu_enable_triton_gemm=false, and a base U-Net phase suffixed '@B' at batch B.
 # Writes each result's JSON and one log to $OUT (or benchmarks/results/gpu/ when OUT is unset; the device
 # tool brings back at most 8 files). Each phase runs under its own time limit, cut to what is left of the
 # budget, so one that runs out of memory or time does not cost the others; phases print progress lines, so
@@ -80,20 +81,23 @@ last_json=""
 # U-Net's took 111 s at batch 16 and 211 s at batch 64 (2026-12-04) with cuBLAS GEMMs, and more than 36 s
 # with Triton's (the phase ran out of time). Triton GEMMs are autotuned over many generated kernels each,
 # cuBLAS picks among its own.
-for phase in ${PHASES:-cudnn:cublas base}; do
+for phase in ${PHASES:-cudnn:cublas base@16}; do
+  batch=""
+  case "$phase" in *@*) batch="${phase##*@}" phase="${phase%@*}" ;; esac
   name="${phase%%:*}" xla="" suffix=""
   if [ "$phase" != "$name" ]; then
     [ "${phase#*:}" = cublas ] || { echo "unknown variant in $phase (only :cublas)"; exit 2; }
     xla=" --xla_gpu_enable_triton_gemm=false" suffix="_cublas"
   fi
+  b="${batch:-$base_batch}" tag="${batch:+_b$batch}$suffix"
   train=(benchmarks/train_step.py --config "$base" --iters 10 --fit_batch)
   case "$name" in
     base)
-      run "train_base64_bf16$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$base_batch"
-      last_json="$out/train_base64_bf16$suffix.json"
-      # Later phases start from the batch this one settled on.
+      run "train_base64_bf16$tag" 540 "$xla" "${train[@]}" --config.train.batch_size="$b"
+      last_json="$out/train_base64_bf16$tag.json"
+      # Later phases start from the batch this one settled on, unless it was given one of its own.
       fitted=$(python3 -c "import json; print(json.load(open('$last_json'))['batch_size'])" 2>/dev/null) \
-        && base_batch="$fitted" ;;
+        && [ -z "$batch" ] && base_batch="$fitted" ;;
     big)
       batch=0
       [ -f "$last_json" ] && batch=$(largest_batch "$last_json")
@@ -103,16 +107,16 @@ for phase in ${PHASES:-cudnn:cublas base}; do
         echo "== big: skipped, no earlier base phase's device peak says a larger batch fits" | tee -a "$log"
       fi ;;
     remat)
-      run "train_base64_bf16_remat$suffix" 540 "$xla" "${train[@]}" --config.model.remat=True \
-        --config.train.batch_size="$remat_batch" ;;
+      run "train_base64_bf16_remat$tag" 540 "$xla" "${train[@]}" --config.model.remat=True \
+        --config.train.batch_size="${batch:-$remat_batch}" ;;
     cudnn)
-      run "train_base64_bf16_cudnn$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$base_batch" \
+      run "train_base64_bf16_cudnn$tag" 540 "$xla" "${train[@]}" --config.train.batch_size="$b" \
         --config.model.attention_impl=cudnn ;;
     scan)  # identical blocks as loops (model.scan_blocks): compile time and step time against `base`
-      run "train_base64_bf16_scan$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$base_batch" \
+      run "train_base64_bf16_scan$tag" 540 "$xla" "${train[@]}" --config.train.batch_size="$b" \
         --config.model.scan_blocks=True ;;
     whole)  # the step as one program (train.separate_update=False): compile and step time against `base`
-      run "train_base64_bf16_whole$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$base_batch" \
+      run "train_base64_bf16_whole$tag" 540 "$xla" "${train[@]}" --config.train.batch_size="$b" \
         --config.train.separate_update=False ;;
     small)
       run "train_bench_small_bf16$suffix" 150 "$xla" benchmarks/train_step.py --config configs/bench_small.py \
