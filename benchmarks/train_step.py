@@ -81,17 +81,16 @@ def plain_step(config, stage: stage_lib.Stage, optimizer, state, frozen):
     return train_step_fn(config, plain, optimizer), state, frozen
 
 
-def model_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen) -> float | None:
-    """FLOPs of one step of the model as defined: XLA's count of the lowered (unoptimised) plain step, the
-    whole SPMD program, on any backend. Only lowered."""
-    step, state, frozen = plain_step(config, stage, optimizer, state, frozen)
+def lowered_flops(step, state, batch, frozen) -> float | None:
+    """XLA's count of one call of `step`, lowered (unoptimised) and not compiled: the whole SPMD program, on
+    any backend. Recomputation (remat) counts; a loop's body counts once."""
     return common.cost_flops(jax.jit(step).lower(state, batch, frozen))
 
 
-def executed_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen) -> float | None:
-    """FLOPs of one step as it runs (remat's recomputation included; a scanned run of blocks counts its
-    body once): XLA's count of the lowered step."""
-    return common.cost_flops(jax.jit(train_step_fn(config, stage, optimizer)).lower(state, batch, frozen))
+def model_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen) -> float | None:
+    """FLOPs of one step of the model as defined: the plain step's lowered count."""
+    step, state, frozen = plain_step(config, stage, optimizer, state, frozen)
+    return lowered_flops(step, state, batch, frozen)
 
 
 def matmul_conv_flops(config, stage: stage_lib.Stage, optimizer, state, batch, frozen) -> float:
@@ -179,7 +178,7 @@ def benchmark(
     )
     flops = hardware_flops = model_flops(config, stage, optimizer, state, batch, frozen)
     if stage.unet.remat or stage.unet.scan_blocks:
-        hardware_flops = executed_flops(config, stage, optimizer, state, batch, frozen)
+        hardware_flops = lowered_flops(train_step_fn(config, stage, optimizer), state, batch, frozen)
 
     b = config.train.batch_size
     device = jax.devices()[0]

@@ -99,10 +99,10 @@ for phase in ${PHASES:-cudnn:cublas base@16}; do
       fitted=$(python3 -c "import json; print(json.load(open('$last_json'))['batch_size'])" 2>/dev/null) \
         && [ -z "$batch" ] && base_batch="$fitted" ;;
     big)
-      batch=0
-      [ -f "$last_json" ] && batch=$(largest_batch "$last_json")
-      if [ "$batch" -gt 0 ]; then
-        run "train_base64_bf16_b${batch}$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$batch"
+      fit=0
+      [ -f "$last_json" ] && fit=$(largest_batch "$last_json")
+      if [ "$fit" -gt 0 ]; then
+        run "train_base64_bf16_b${fit}$suffix" 540 "$xla" "${train[@]}" --config.train.batch_size="$fit"
       else
         echo "== big: skipped, no earlier base phase's device peak says a larger batch fits" | tee -a "$log"
       fi ;;
