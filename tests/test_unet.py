@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from imagen_jax.models import layers
 from imagen_jax.models import unet as unet_lib
 from imagen_jax.models.unet import UNet, compute_dtype, convert_layout, unet_from_config
 
@@ -342,6 +343,45 @@ def test_identical_blocks_are_traced_once_and_compute_the_plain_function(monkeyp
     np.testing.assert_allclose(loss_plain, loss_jitted, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_plain), jax.tree.leaves(grads_jitted), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _random_draws(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[int, ...]]:
+    """The shapes of every random draw in `jaxpr`, nested programs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "random_bits":
+            shapes.append(tuple(eqn.params["shape"]))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    shapes += _random_draws(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    shapes += _random_draws(sub)
+    return shapes
+
+
+def test_weights_drawn_as_matrices_are_the_initialisers_values_at_their_own_shapes(monkeypatch):
+    """Each initialiser the layers use gives the same bits drawn as a matrix and reshaped as at the
+    weight's own shape (a fan-out initialiser would not: the wrapper is only for fan-in ones); the whole
+    U-Net initialises to the same weights with and without it, and with it draws nothing of rank > 2."""
+    key = jax.random.PRNGKey(7)
+    used = [nn.initializers.lecun_normal(), nn.initializers.normal(0.02), nn.initializers.zeros]
+    for init in used + [nn.initializers.ones]:
+        for shape in [(3, 3, 8, 16), (1, 1, 8, 4), (2, 4, 8), (8, 16)]:
+            np.testing.assert_array_equal(layers.drawn_as_matrix(init)(key, shape), init(key, shape))
+    fan_out, conv_kernel = nn.initializers.variance_scaling(1.0, "fan_out", "truncated_normal"), (3, 3, 8, 16)
+    assert not np.array_equal(layers.drawn_as_matrix(fan_out)(key, conv_kernel), fan_out(key, conv_kernel))
+
+    z, logsnr, text, mask = _inputs()
+    model = UNet(**SMALL)
+    init = jax.jit(lambda r: nn.unbox(model.init(r, z, logsnr, text, mask)["params"]))
+    drawn = jax.tree.leaves(init(key))
+    assert max(map(len, _random_draws(jax.make_jaxpr(init)(key).jaxpr))) == 2
+    monkeypatch.setattr(layers, "drawn_as_matrix", lambda init_fn: init_fn)
+    own_shapes = jax.jit(lambda r: nn.unbox(model.init(r, z, logsnr, text, mask)["params"]))
+    assert max(map(len, _random_draws(jax.make_jaxpr(own_shapes)(key).jaxpr))) == 4
+    for a, b in zip(drawn, jax.tree.leaves(own_shapes(key)), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_block_runs_of_the_paper_base_unet():
