@@ -352,8 +352,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
         prefetch=config.data.prefetch * tc.batch_size,
         crop_size=config.data.crop_resolution,
     )
+    # Before the first step a run waits for its state and the step's compile: say which, and how long.
+    waited = time.perf_counter()
     state, shardings, data_state = initial_state(config, workdir, stage, optimizer)
     start_step = int(jax.device_get(state.step))
+    how = "initialised" if data_state is None else "restored"
+    log.info("train state %s in %.1f s", how, time.perf_counter() - waited)
 
     frozen = frozen_inputs(config, stage, state.params)
     it = iter(loader)
@@ -362,6 +366,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     host_batch = next(it)
     preview_prompts, preview_lowres = preview_inputs(config, stage, host_batch)
     batch = global_batch(host_batch, mesh, stage.rules)
+    log.info("compiling the train step at batch %d (or loading it from the compilation cache)", tc.batch_size)
     compiled, seconds = compile_train_step(config, stage, optimizer, shardings, state, batch, frozen)
     log.info(
         "compiled the train step in %.1f s (lowering %.1f s, XLA %.1f s)",
