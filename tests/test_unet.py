@@ -374,9 +374,9 @@ def test_weights_drawn_as_matrices_are_the_initialisers_values_at_their_own_shap
 
     z, logsnr, text, mask = _inputs()
     model = UNet(**SMALL)
-    init = jax.jit(lambda r: nn.unbox(model.init(r, z, logsnr, text, mask)["params"]))
-    drawn = jax.tree.leaves(init(key))
-    assert max(map(len, _random_draws(jax.make_jaxpr(init)(key).jaxpr))) == 2
+    as_matrices = jax.jit(lambda r: nn.unbox(model.init(r, z, logsnr, text, mask)["params"]))
+    drawn = jax.tree.leaves(as_matrices(key))
+    assert max(map(len, _random_draws(jax.make_jaxpr(as_matrices)(key).jaxpr))) == 2
     monkeypatch.setattr(layers, "drawn_as_matrix", lambda init_fn: init_fn)
     own_shapes = jax.jit(lambda r: nn.unbox(model.init(r, z, logsnr, text, mask)["params"]))
     assert max(map(len, _random_draws(jax.make_jaxpr(own_shapes)(key).jaxpr))) == 4
