@@ -74,7 +74,12 @@ def test_sigterm_stops_at_a_verified_checkpoint_that_resumes_bitwise(straight, m
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert f"stopped by SIGTERM at step {stop_step}: checkpoint" in stopped.stderr
     # What a run waits for before its first step is logged, in order, with the seconds it took.
-    waits = ("train state initialised in ", "compiling the train step at ", "compiled the train step in ")
+    waits = (
+        "compiled the train state's program in ",
+        "train state initialised in ",
+        "compiling the train step at ",
+        "compiled the train step in ",
+    )
     found = [stopped.stderr.find(line) for line in waits]
     assert -1 not in found and found == sorted(found), found
     if mode.startswith("term_twice"):
@@ -87,7 +92,7 @@ def test_sigterm_stops_at_a_verified_checkpoint_that_resumes_bitwise(straight, m
     resumed = _driver(root, workdir, 6, "none")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {checkpoint.checkpoint_dir(str(workdir))} at step {stop_step}" in resumed.stderr
-    assert "train state restored in " in resumed.stderr and "train state initialised" not in resumed.stderr
+    assert "train state restored in " in resumed.stderr and "train state's program" not in resumed.stderr
     _assert_bitwise_equal(state_lib.from_items(_restore(workdir).items), final)
 
 

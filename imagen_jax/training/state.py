@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import flax
@@ -15,6 +17,8 @@ from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import stacking
 from imagen_jax.stage.build import Stage, abstract_text_params, params_factory
+
+log = logging.getLogger("imagen_jax")
 
 
 @flax.struct.dataclass
@@ -182,8 +186,19 @@ def init_train_state(
             lambda b, x: b.replace(value=x) if stacking.is_box(b) else x, boxes, tp, is_leaf=stacking.is_box
         )
 
-    state = jax.jit(lambda tp: nn.unbox(make(boxed(tp))), out_shardings=shardings)(text_params)
-    return state, shardings
+    # Compiled ahead of time to say where a fresh run's wait goes (docs/benchmarks.md): this program
+    # compiles about as long as the train step on CPU.
+    started = time.perf_counter()
+    lowered = jax.jit(lambda tp: nn.unbox(make(boxed(tp))), out_shardings=shardings).lower(text_params)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    log.info(
+        "compiled the train state's program in %.1f s (lowering %.1f s, XLA %.1f s)",
+        time.perf_counter() - started,
+        lowered_at - started,
+        time.perf_counter() - lowered_at,
+    )
+    return compiled(text_params), shardings
 
 
 def abstract_train_state(stage: Stage, optimizer: optax.GradientTransformation) -> tuple[Any, Any]:
