@@ -186,8 +186,8 @@ def init_train_state(
             lambda b, x: b.replace(value=x) if stacking.is_box(b) else x, boxes, tp, is_leaf=stacking.is_box
         )
 
-    # Compiled ahead of time to say where a fresh run's wait goes (docs/benchmarks.md): this program
-    # compiles about as long as the train step on CPU.
+    # Compiled ahead of time so that the log can say how much of a fresh run's wait for its state is
+    # compiling (docs/benchmarks.md).
     started = time.perf_counter()
     lowered = jax.jit(lambda tp: nn.unbox(make(boxed(tp))), out_shardings=shardings).lower(text_params)
     lowered_at = time.perf_counter()
