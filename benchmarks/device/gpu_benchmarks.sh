@@ -76,6 +76,12 @@ if [ "${mem_mib:-0}" -gt 100000 ]; then big=1; else big=0; fi
 base_batch="${BASE_BATCH:-$((big ? 64 : 16))}"
 remat_batch="${REMAT_BATCH:-$((big ? 128 : 64))}"
 last_json=""
+# cuDNN's fused attention; identical blocks as loops; the gradients and the update as one program.
+declare -A switch=(
+  [cudnn]=--config.model.attention_impl=cudnn
+  [scan]=--config.model.scan_blocks=True
+  [whole]=--config.train.separate_update=False
+)
 # The lent H200s showed that GPU compiles, not steps, take the time: bench_small's train step took 69 s to
 # compile (2026-11-27), half of it autotuning, and without autotuning the step ran 74x slower; the base
 # U-Net's took 111 s at batch 16 and 211 s at batch 64 (2026-12-04) with cuBLAS GEMMs, and more than 36 s
@@ -109,15 +115,9 @@ for phase in ${PHASES:-cudnn:cublas base@16}; do
     remat)
       run "train_base64_bf16_remat$tag" 540 "$xla" "${train[@]}" --config.model.remat=True \
         --config.train.batch_size="${batch:-$remat_batch}" ;;
-    cudnn)
-      run "train_base64_bf16_cudnn$tag" 540 "$xla" "${train[@]}" --config.train.batch_size="$b" \
-        --config.model.attention_impl=cudnn ;;
-    scan)  # identical blocks as loops (model.scan_blocks): compile time and step time against `base`
-      run "train_base64_bf16_scan$tag" 540 "$xla" "${train[@]}" --config.train.batch_size="$b" \
-        --config.model.scan_blocks=True ;;
-    whole)  # the step as one program (train.separate_update=False): compile and step time against `base`
-      run "train_base64_bf16_whole$tag" 540 "$xla" "${train[@]}" --config.train.batch_size="$b" \
-        --config.train.separate_update=False ;;
+    cudnn | scan | whole)  # the base phase with one switch flipped, each timed against `base`
+      run "train_base64_bf16_$name$tag" 540 "$xla" "${train[@]}" --config.train.batch_size="$b" \
+        "${switch[$name]}" ;;
     small)
       run "train_bench_small_bf16$suffix" 150 "$xla" benchmarks/train_step.py --config configs/bench_small.py \
         --config.model.dtype=bfloat16 ;;

@@ -192,11 +192,12 @@ def init_train_state(
     lowered = jax.jit(lambda tp: nn.unbox(make(boxed(tp))), out_shardings=shardings).lower(text_params)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
+    done = time.perf_counter()
     log.info(
         "compiled the train state's program in %.1f s (lowering %.1f s, XLA %.1f s)",
-        time.perf_counter() - started,
+        done - started,
         lowered_at - started,
-        time.perf_counter() - lowered_at,
+        done - lowered_at,
     )
     return compiled(text_params), shardings
 
