@@ -27,6 +27,7 @@ from imagen_jax.training import state as state_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import attention_kernels  # noqa: E402
 import checkpoint_integrity  # noqa: E402
 import common  # noqa: E402
 import layout_probe  # noqa: E402
@@ -61,6 +62,44 @@ def test_train_step_benchmark_counts_the_lowered_step_not_the_compiled_programs(
     config.text.train_jointly = False
     result = train_step.benchmark(config, "embeddings", iters=0, warmup=0, compile_only=True)
     assert result["flops_per_image"] == result["hardware_flops_per_image"] > 2 * 3 * result["unet_params"]
+
+
+def test_train_step_flops_count_the_model_whatever_its_attention_kernel():
+    """cuDNN's fused attention is one opaque call: XLA counts none of its work, and it lowers for no CPU.
+    The model's FLOPs (and the PyTorch-style count) come from the same step with XLA's attention, lowered
+    from shapes for the host's CPU, which also counts where the devices are a plugin's (CUDA's) on which
+    JAX cannot count a lowered program. The kernel is a runtime choice: the state is the same."""
+    config = get_config("tiny")
+    config.text.train_jointly = False
+    mesh = mesh_lib.make_mesh(config.mesh)
+    stage = stage_lib.build_stage(config, mesh)
+    optimizer = state_lib.make_optimizer(config.optim, config.train.num_steps)
+    state, _ = state_lib.abstract_train_state(stage, optimizer)
+    batch = loop.global_batch(train_step.synthetic_batch(config, stage, "ids"), mesh, config.sharding)
+    frozen = loop.frozen_inputs(config, stage, state.params)
+    counts = []
+    for impl in ("xla", "cudnn"):  # the cuDNN stage is counted, never run: no GPU here
+        unet = dataclasses.replace(stage, unet=stage.unet.clone(attention_impl=impl))
+        args = (config, unet, optimizer, state, batch, frozen)
+        counts.append((train_step.model_flops(*args), train_step.matmul_conv_flops(*args)))
+    assert counts[0] == counts[1] and min(counts[0]) > 0
+
+
+def test_attention_kernels_compares_a_kernels_bf16_step_with_the_float32_one():
+    """benchmarks/attention_kernels.py, the GPU check that cuDNN's attention trains the same model as XLA's,
+    run here with XLA's kernel: bf16 differs from float32 by rounding and no more, and only because the
+    weights are moved off the zero-initialised output layers (which would zero every other gradient).
+    Asked for cuDNN on a CPU, it says what it needs."""
+    config = get_config("tiny")
+    config.text.train_jointly = False
+    config.model.dtype = "bfloat16"
+    config.xla_options.cpu = ""  # the CPU option that bf16 crashes (xla_options.check_model_dtype)
+    config.train.batch_size = 8
+    result = attention_kernels.compare(config, ["xla"], iters=1)
+    (row,) = result["rows"]
+    assert 0 < row["loss_relative_error"] < 0.01 and 0 < row["gradients_relative_error"] < 0.05, row
+    with pytest.raises(SystemExit, match="needs an NVIDIA GPU"):
+        attention_kernels.compare(config, ["cudnn"], iters=1)
 
 
 def test_train_step_benchmark_with_remat_counts_model_and_hardware_flops():

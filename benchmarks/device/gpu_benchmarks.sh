@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The GPU benchmarks for a lent device machine, one call (the call carries `.whl`: fetch_wheels.sh):
 #   bash benchmarks/device/gpu_benchmarks.sh
-# runs, by default, the base U-Net's train step twice within BUDGET_S seconds (default 540):
-#   cudnn:cublas  at BASE_BATCH (default 64 on cards over 100 GB, where it fit the H200 on 2026-12-04
-#                 without remat, else 16): self-attention through cuDNN's fused kernel, cuBLAS GEMMs
-#   base@16       at batch 16 with XLA's defaults (Triton GEMMs, autotuned at compile)
-# against the H200's base:cublas runs at batch 64 and 16 (docs/benchmarks.md); the second phase is at 16
-# because a batch-64 step took 211 s to compile there, and both must fit one call.
+# runs, by default, two phases within BUDGET_S seconds (default 540):
+#   attention     cuDNN's fused self-attention against XLA's: one train step's loss and gradients with
+#                 each, against float32 (benchmarks/attention_kernels.py; the base U-Net's attention shapes,
+#                 one block per level, batch 8): may `model.attention_impl="cudnn"` become a GPU default?
+#   cudnn:cublas@128  the base U-Net's train step with cuDNN attention and cuBLAS GEMMs at batch 128, which
+#                 its device peak at batch 64 (70 GB of 143 on the H200, 2026-12-04) says fits without remat
+# against the H200's runs of 2026-12-04 (docs/benchmarks.md): cudnn:cublas at 64 (116.5 images/s, MFU
+# 48.2%), base:cublas at 64 and 16, base (Triton GEMMs) at 16.
 # PHASES picks and orders others: base, big (the largest batch, at most 4x, that an earlier base phase's
 # device peak says fits), remat (at REMAT_BATCH, default 128 or 64), cudnn, scan (model.scan_blocks), whole
-# (the step as one program), small and sampling (bench_small); any phase suffixed ':cublas' runs with
-# --xla_gpu_enable_triton_gemm=false, and a base U-Net phase suffixed '@B' at batch B.
+# (the step as one program), attention, small and sampling (bench_small); any phase suffixed ':cublas'
+# runs with --xla_gpu_enable_triton_gemm=false, and a base U-Net phase suffixed '@B' at batch B.
 # Writes each result's JSON and one log to $OUT (or benchmarks/results/gpu/ when OUT is unset; the device
 # tool brings back at most 8 files). Each phase runs under its own time limit, cut to what is left of the
 # budget, so one that runs out of memory or time does not cost the others; phases print progress lines, so
 # one stopped at its limit says how far it got. Base U-Net phases halve a batch whose memory plan does not
 # fit (--fit_batch). BASE_CONFIG swaps the model (a tiny config dry-runs this script on any host).
+# PROFILE=1 traces 3 more steps of the first train phase (jax.profiler) and brings back its Perfetto
+# trace as $OUT/<phase>_trace.json.gz (open it at ui.perfetto.dev).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-benchmarks/results/gpu}"
@@ -41,13 +45,25 @@ run() {  # name, time limit (s), extra XLA flags, script and flags
     echo "== $name: skipped, ${left} s of BUDGET_S left" | tee -a "$log"
     return
   fi
+  local profile=()
+  if [ "${PROFILE:-0}" = 1 ] && [ "$1" = benchmarks/train_step.py ]; then
+    profile=(--profile_dir "/tmp/profile_$name")
+    PROFILE=done  # the first train phase only
+  fi
   echo "== $name: started $(date -u +%T), limit ${limit} s, XLA_FLAGS='${XLA_FLAGS:-}${xla}'" | tee -a "$log"
-  XLA_FLAGS="${XLA_FLAGS:-}${xla}" timeout "$limit" python3 "$@" --json "$out/$name.json" \
+  XLA_FLAGS="${XLA_FLAGS:-}${xla}" timeout "$limit" python3 "$@" --json "$out/$name.json" "${profile[@]}" \
     > "/tmp/$name.log" 2>&1
   local status=$?
-  { echo "== $name: exit $status"; grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -40; } >> "$log"
+  if [ ${#profile[@]} -gt 0 ]; then  # the trace lies 3 folders down, deeper than the device tool returns
+    local trace
+    trace=$(find "/tmp/profile_$name" -name perfetto_trace.json.gz | head -1)
+    [ -n "$trace" ] && cp "$trace" "$out/${name}_trace.json.gz"
+  fi
+  local ours  # the phase's output without XLA's C++ log lines (our Python modules' log lines stay)
+  ours=$(grep -v -E '^[IW][0-9]{4} [^]]*\.(cc|h):[0-9]+\]' "/tmp/$name.log")
+  { echo "== $name: exit $status"; tail -40 <<< "$ours"; } >> "$log"
   echo "== $name: exit $status"
-  grep -v -E "^(I|W)[0-9]{4} " "/tmp/$name.log" | tail -4
+  tail -4 <<< "$ours"
 }
 
 # The largest batch (a multiple of 8, at most 4x) that the device's peak memory in JSON $1 says fits; 0 if
@@ -84,10 +100,10 @@ declare -A switch=(
 )
 # The lent H200s showed that GPU compiles, not steps, take the time: bench_small's train step took 69 s to
 # compile (2026-11-27), half of it autotuning, and without autotuning the step ran 74x slower; the base
-# U-Net's took 111 s at batch 16 and 211 s at batch 64 (2026-12-04) with cuBLAS GEMMs, and more than 36 s
-# with Triton's (the phase ran out of time). Triton GEMMs are autotuned over many generated kernels each,
+# U-Net's took 111 s at batch 16 and 211 s at batch 64 (2026-12-04) with cuBLAS GEMMs, and 124 s at 16 with
+# Triton's, whose step also ran 3% slower. Triton GEMMs are autotuned over many generated kernels each,
 # cuBLAS picks among its own.
-for phase in ${PHASES:-cudnn:cublas base@16}; do
+for phase in ${PHASES:-attention cudnn:cublas@128}; do
   batch=""
   case "$phase" in *@*) batch="${phase##*@}" phase="${phase%@*}" ;; esac
   name="${phase%%:*}" xla="" suffix=""
@@ -124,7 +140,10 @@ for phase in ${PHASES:-cudnn:cublas base@16}; do
     sampling)
       run "sampling_bench_small_bf16$suffix" 60 "$xla" benchmarks/sampling.py --config configs/bench_small.py \
         --config.model.dtype=bfloat16 --samplers dpmpp2m --steps 25 --guidance 3 ;;
-    *) echo "unknown phase $phase (base big small sampling remat cudnn scan whole)"; exit 2 ;;
+    attention)  # cuDNN's fused attention against XLA's: the base U-Net's attention shapes, one block a level
+      run "attention_kernels$suffix" 300 "$xla" benchmarks/attention_kernels.py --config "$base" \
+        --config.model.num_res_blocks=1 --config.train.batch_size="${batch:-8}" ;;
+    *) echo "unknown phase $phase (base big small sampling remat cudnn scan whole attention)"; exit 2 ;;
   esac
 done
 # One table of every train result, last in the output (the device tool returns the output's end).
