@@ -69,10 +69,11 @@ def compare(config, kernels: list[str], iters: int) -> dict:
     batch = global_batch(synthetic_batch(config, stage, "embeddings"), mesh, config.sharding)
     frozen = frozen_inputs(config, stage, state.params)
 
-    def gradients(attention_impl: str, dtype) -> tuple:
+    def gradients(attention_impl: str, dtype, precision: str = "default") -> tuple:
         unet = stage.unet.clone(attention_impl=attention_impl, dtype=dtype)
         step = train_step_fn(config, dataclasses.replace(stage, unet=unet), optimizer)
-        program = jax.jit(step.gradients).lower(state, batch, frozen).compile()
+        with jax.default_matmul_precision(precision):
+            program = jax.jit(step.gradients).lower(state, batch, frozen).compile()
         result = jax.block_until_ready(program(state, batch, frozen))
         seconds, _ = common.median_seconds(
             lambda: jax.block_until_ready(program(state, batch, frozen)), iters=iters, warmup=1
@@ -80,7 +81,8 @@ def compare(config, kernels: list[str], iters: int) -> dict:
         return result, seconds
 
     print("the float32 reference (XLA's attention)...", flush=True)
-    (ref_loss, ref_grads), _ = gradients("xla", jnp.float32)
+    # Full float32 products: GPUs would otherwise run float32 convolutions and matmuls in TF32.
+    (ref_loss, ref_grads), _ = gradients("xla", jnp.float32, precision="highest")
     rows = []
     for kernel in kernels:
         print(f"{kernel} at {stage.unet.dtype}...", flush=True)
