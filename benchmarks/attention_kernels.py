@@ -24,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from train_step import synthetic_batch
 
+from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.training import state as state_lib
@@ -43,6 +44,7 @@ def relative_error(value, reference) -> float:
     return (diff / norm) ** 0.5
 
 
+@jax.jit  # one program for every shape (drawn op by op, each shape would compile its own)
 def perturbed(params, rng: jax.Array, scale: float = 0.02):
     """`params` plus normal noise of std `scale`: a U-Net's zero-initialised output layers would leave
     every other layer's gradient zero, and so the attention untested."""
@@ -55,12 +57,13 @@ def perturbed(params, rng: jax.Array, scale: float = 0.02):
 def compare(config, kernels: list[str], iters: int) -> dict:
     """Loss and gradients of one train step with each kernel at `config.model.dtype`, against XLA's
     attention in float32; and the seconds per call of each kernel's gradient program."""
-    if "cudnn" in kernels and jax.default_backend() != "gpu":
-        raise SystemExit(
-            f"--kernels cudnn needs an NVIDIA GPU (this host's backend: {jax.default_backend()}); "
-            "--kernels xla dry-runs this script anywhere."
-        )
-    validate_config(config)
+    for kernel in kernels:  # the config's own check says where a kernel cannot run (backend, dtype)
+        checked = config.copy_and_resolve_references()
+        checked.model.attention_impl = kernel
+        try:
+            validate_config(checked)
+        except ConfigError as e:
+            raise SystemExit(f"--kernels {kernel}: {e}") from e
     mesh = mesh_lib.make_mesh(config.mesh, dcn=config.mesh_dcn)
     stage = stage_lib.build_stage(common.seeded_text(config), mesh)
     optimizer = state_lib.make_optimizer(config.optim, config.train.num_steps)
