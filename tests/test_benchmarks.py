@@ -16,6 +16,7 @@ import pytest
 from configs import bench_small, bench_tiny, imagen_base64
 from configs.shapes import get_config
 from imagen_jax.data import shapes
+from imagen_jax.errors import ConfigError
 from imagen_jax.evaluation.shapes_scorer import score_batch
 from imagen_jax.parallel import memory
 from imagen_jax.parallel import mesh as mesh_lib
@@ -276,10 +277,10 @@ def test_sampling_benchmark_rows():
     assert row["step_images_per_second"] == pytest.approx(row["denoising_steps_per_second"] * 8)
 
 
-def test_sampling_benchmark_compile_only_compiles_each_sampler_without_running():
-    rows = sampling.compile_only(get_config("tiny"), ["ddpm", "dpmpp2m_sde"], steps=2, batch=2)
-    assert [r["sampler"] for r in rows] == ["ddpm", "dpmpp2m_sde"]
-    assert all(r["lower_seconds"] > 0 and r["xla_compile_seconds"] > 0 for r in rows)
+def test_sampling_benchmark_compile_only_compiles_the_one_program_without_running():
+    (row,) = sampling.compile_only(get_config("tiny"), batch=2)
+    assert row["sampler"] == "any" and row["steps"] == "any" and row["batch"] == 2
+    assert row["lower_seconds"] > 0 and row["xla_compile_seconds"] > 0
 
 
 class _Device:
@@ -352,7 +353,7 @@ def test_imagen_pytorch_spec_mirrors_the_config():
     assert spec["sample_batch"] == 32 and spec["threads"] == 2
 
 
-def test_sampling_compiles_once_per_shape_sampler_and_steps():
+def test_sampling_compiles_once_per_batch_shape_whatever_the_sampling_options():
     config = get_config("tiny")
     stage = stage_lib.build_stage(config)
     state, _ = state_lib.init_train_state(stage, optax.identity(), jax.random.PRNGKey(0))
@@ -363,13 +364,27 @@ def test_sampling_compiles_once_per_shape_sampler_and_steps():
         opts = dict(rng=jax.random.PRNGKey(1), sampler="ddim", num_steps=2, guidance=1.0) | kw
         return stage_sampling.generate(stage, prompts, **opts)
 
-    run()
+    first = run()
     program = stage_sampling.sample_program(config.xla_options)
     compiled = program._cache_size()
-    run(guidance=3.0, eta=0.5, rng=jax.random.PRNGKey(2))  # traced arguments: no new program
+    # Every sampling option is an input of the program: none compiles a new one.
+    others = [
+        dict(guidance=3.0, eta=0.5, rng=jax.random.PRNGKey(2)),
+        dict(num_steps=3),
+        dict(sampler="dpmpp2m_sde", num_steps=4, time_grid="quadratic"),
+        dict(sampler="ddpm", threshold="static"),
+        dict(threshold="dynamic", percentile=90.0),
+    ]
+    for options in others:
+        images = run(**options)
+        assert images.shape == first.shape and not np.array_equal(images, first), options
     assert program._cache_size() == compiled
-    run(num_steps=3)  # a new loop length is a new program
+    run(batch_size=2 * len(jax.devices()))  # a new batch shape is a new program
     assert program._cache_size() == compiled + 1
+    with pytest.raises(ConfigError, match="time grid 'karras'"):
+        run(time_grid="karras")
+    with pytest.raises(ConfigError, match="0 sampling steps"):
+        run(num_steps=0)
 
 
 def test_layout_probe_reads_the_order_of_true_and_exchanged_layouts():

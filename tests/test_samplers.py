@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from imagen_jax.diffusion import (
+    SAMPLERS,
+    THRESHOLD_KINDS,
+    TIME_GRIDS,
     alpha_sigma,
+    choice,
     ddim_step,
     ddpm_step,
     diffuse,
@@ -202,6 +206,45 @@ def test_sampling_from_t_start_keeps_the_data_distribution(sampler, num_steps, t
     assert abs(np.corrcoef(whole, np.asarray(x))[0, 1]) < 0.05
 
 
+def test_options_chosen_at_run_time_sample_as_named_ones_from_one_program():
+    # The sampler, its step count and time grid as inputs of one program give what each named program
+    # gives; the model is traced once for all of them.
+    traces = []
+
+    def denoise(z, logsnr):
+        traces.append(z.shape)
+        return gaussian_denoiser(z, logsnr)
+
+    common = dict(shape=(64,), schedule=get_schedule("cosine"))
+
+    @jax.jit
+    def chosen(rng, sampler, num_steps, time_grid, eta):
+        return sample(denoise, rng=rng, sampler=sampler, num_steps=num_steps, time_grid=time_grid, eta=eta,
+                      **common)
+
+    cases = [
+        ("ddpm", 7, "uniform", 0.0),
+        ("ddim", 5, "quadratic", 0.0),
+        ("ddim", 4, "uniform", 0.7),
+        ("dpmpp2m", 6, "quadratic", 0.0),
+        ("dpmpp2m", 1, "uniform", 0.0),
+        ("dpmpp2m_sde", 3, "uniform", 0.0),
+    ]
+    for sampler, num_steps, time_grid, eta in cases:
+        named = _jit_sample(
+            gaussian_denoiser, sampler=sampler, num_steps=num_steps, time_grid=time_grid, eta=eta, **common
+        )(rng=jax.random.key(3))
+        at_run_time = chosen(
+            jax.random.key(3),
+            choice.index_of(sampler, SAMPLERS, "sampler"),
+            jnp.int32(num_steps),
+            choice.index_of(time_grid, TIME_GRIDS, "time grid"),
+            jnp.float32(eta),
+        )
+        np.testing.assert_allclose(at_run_time, named, rtol=1e-5, atol=1e-6, err_msg=f"{sampler} {num_steps}")
+    assert len(traces) == 1
+
+
 def test_z_init_and_bfloat16():
     z_init = jnp.full((4,), 0.25)
     kw = dict(shape=(4,), schedule=get_schedule("cosine"), sampler="ddim", num_steps=8, z_init=z_init)
@@ -251,3 +294,17 @@ def test_make_denoise_fn_objective_guidance_threshold():
     np.testing.assert_allclose(x0, jnp.clip(x_true, -1.0, 1.0), atol=1e-5)
     alpha, sigma = alpha_sigma(expand_to(logsnr, z))
     np.testing.assert_allclose(alpha * x0 + sigma * eps, z, atol=1e-5)
+    # Thresholding chosen at run time (with a traced percentile) gives what each name gives.
+    def denoise(kind, percentile):
+        return make_denoise_fn(model_fn, objective="v", cond=cond, threshold=kind, percentile=percentile)
+
+    for kind in THRESHOLD_KINDS:
+        named = denoise(kind, 90.0)(z, logsnr)
+        index = choice.index_of(kind, THRESHOLD_KINDS, "threshold")
+        at_run_time = jax.jit(lambda k, p: denoise(k, p)(z, logsnr))(index, jnp.float32(90.0))
+        for a, b in zip(at_run_time, named, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6, err_msg=kind)
+    # (At the 90th percentile the dynamic threshold scales x0 down, unlike the static one.)
+    assert not np.allclose(denoise("dynamic", 90.0)(z, logsnr)[0], denoise("static", 90.0)(z, logsnr)[0])
+    with pytest.raises(ValueError, match="none, static, dynamic"):
+        make_denoise_fn(model_fn, objective="v", cond=cond, threshold="soft")

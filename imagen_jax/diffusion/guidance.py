@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.diffusion import choice
+from imagen_jax.diffusion.choice import Choice
 from imagen_jax.diffusion.schedules import expand_to
 
 THRESHOLD_KINDS = ("none", "static", "dynamic")
@@ -56,20 +58,22 @@ def guided_model(model_fn: ModelFn, weight: float | jax.Array) -> Callable[..., 
     return guided
 
 
-def threshold_x0(x0: jax.Array, *, kind: str = "none", percentile: float = 99.5) -> jax.Array:
+def threshold_x0(x0: jax.Array, *, kind: Choice = "none", percentile: float | jax.Array = 99.5) -> jax.Array:
     """Keep an x0 prediction inside the data range [-1, 1].
 
     "static": clip to [-1, 1]. "dynamic" (Imagen): per sample s = max(1, percentile(|x0|, p));
     x0 <- clip(x0, -s, s) / s, which pulls saturated pixels inward instead of flattening them, and leaves
-    samples whose p-th percentile is below 1 unchanged.
+    samples whose p-th percentile is below 1 unchanged. `kind` is a name or its run-time index
+    (`choice.index_of(name, THRESHOLD_KINDS, ...)`); `percentile` may be traced.
     """
-    if kind not in THRESHOLD_KINDS:
-        raise ValueError(f"Unknown threshold kind {kind!r}; allowed: {', '.join(THRESHOLD_KINDS)}")
-    if kind == "none":
-        return x0
-    if kind == "static":
-        return jnp.clip(x0, -1.0, 1.0)
-    flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)
-    s = jnp.maximum(jnp.percentile(flat, percentile, axis=1), 1.0)
-    s = expand_to(s, x0).astype(x0.dtype)
-    return jnp.clip(x0, -s, s) / s
+
+    def dynamic(x: jax.Array) -> jax.Array:
+        flat = jnp.abs(x.reshape(x.shape[0], -1)).astype(jnp.float32)
+        s = jnp.maximum(jnp.percentile(flat, percentile, axis=1), 1.0)
+        s = expand_to(s, x).astype(x.dtype)
+        return jnp.clip(x, -s, s) / s
+
+    def static(x: jax.Array) -> jax.Array:
+        return jnp.clip(x, -1.0, 1.0)
+
+    return choice.switch(kind, THRESHOLD_KINDS, "threshold kind", (lambda x: x, static, dynamic), x0)

@@ -16,7 +16,8 @@ DPM-Solver's "denoise to zero"): lambda(0) is finite (~8.8 for cosine) so z_0 st
 while returning x0_hat at t_1 would shrink the sample std (x0_hat = E[x | z]; ~4% at t=1/20 on cosine).
 
 Every update is a pure one-step function of (z, x0_hat, eps_hat, log-SNRs); `sample` runs them in one
-`lax.fori_loop`, so the whole loop is on device and the model is traced once per (shape, steps, sampler).
+`lax.fori_loop`, so the whole loop is on device and the model is traced once. The sampler, the time grid
+and the number of steps may be chosen at run time (`choice`): then one compiled program serves them all.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.diffusion.guidance import guided_model, threshold_x0
+from imagen_jax.diffusion import choice
+from imagen_jax.diffusion.choice import Choice
+from imagen_jax.diffusion.guidance import THRESHOLD_KINDS, guided_model, threshold_x0
 from imagen_jax.diffusion.objectives import eps_from_x, prediction_to_x_eps
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma
 
@@ -44,24 +47,30 @@ def make_denoise_fn(
     cond: Any = None,
     uncond: Any = None,
     guidance_weight: float | jax.Array = 1.0,
-    threshold: str = "none",
-    percentile: float = 99.5,
+    threshold: Choice = "none",
+    percentile: float | jax.Array = 99.5,
 ) -> DenoiseFn:
     """Compose model -> guidance -> (x0, eps) -> thresholding into denoise_fn(z, logsnr) -> (x0, eps).
 
     model_fn(z, logsnr, cond) -> raw prediction for `objective`. When x0 is thresholded, eps is recomputed
     from (z, x0) so that both outputs describe the same point and the sampler update stays consistent.
     Build this inside the jitted function so cond/uncond are traced arguments, not baked-in constants.
+    `threshold` is a name of `THRESHOLD_KINDS` or its run-time index (`choice`).
     """
     guided = guided_model(model_fn, guidance_weight)
+    if isinstance(threshold, str):
+        choice.check_name(threshold, THRESHOLD_KINDS, "threshold kind")
 
     def denoise_fn(z: jax.Array, logsnr: jax.Array) -> tuple[jax.Array, jax.Array]:
         pred = guided(z, logsnr, cond, uncond)
         x0, eps = prediction_to_x_eps(pred, z, logsnr, objective=objective)
-        if threshold != "none":
-            x0 = threshold_x0(x0, kind=threshold, percentile=percentile)
-            eps = eps_from_x(x0, z, logsnr)
-        return x0, eps
+        if choice.is_named(threshold, "none"):
+            return x0, eps
+        clipped = threshold_x0(x0, kind=threshold, percentile=percentile)
+        eps_clipped = eps_from_x(clipped, z, logsnr)
+        if isinstance(threshold, str):
+            return clipped, eps_clipped
+        return clipped, jnp.where(threshold == THRESHOLD_KINDS.index("none"), eps, eps_clipped)
 
     return denoise_fn
 
@@ -146,38 +155,60 @@ def sample(
     shape: tuple[int, ...],
     rng: jax.Array,
     schedule: Schedule,
-    sampler: str,
-    num_steps: int,
+    sampler: Choice,
+    num_steps: int | jax.Array,
     eta: float | jax.Array = 0.0,
     z_init: jax.Array | None = None,
     dtype: Any = jnp.float32,
-    time_grid: str = "uniform",
+    time_grid: Choice = "uniform",
     t_start: float | jax.Array = 1.0,
 ) -> jax.Array:
     """Draw samples x0 of `shape` (batch first) by integrating from t=t_start to t=0 in `num_steps` steps.
 
     denoise_fn(z, logsnr[B]) -> (x0_hat, eps_hat); see `make_denoise_fn`. Uses num_steps + 1 denoiser calls
-    (the last turns z_0 into x0_hat). `eta` is used by "ddim" only. Jittable with shape, schedule, sampler,
-    num_steps and time_grid static; deterministic given rng. z and the model input are kept in `dtype`;
+    (the last turns z_0 into x0_hat). `eta` is used by "ddim" only. Jittable with shape and schedule
+    static; deterministic given rng. `sampler` and `time_grid` are names, or int32 indices into `SAMPLERS`
+    and `TIME_GRIDS` (`choice.index_of`), and `num_steps` an int or an int32 array: traced, they are
+    chosen at run time, so one program serves every value. z and the model input are kept in `dtype`;
     the update arithmetic is float32. t_start < 1 with z_init an image diffused to t_start (`diffuse`) is
     SDEdit: the time grid is scaled into [0, t_start], so every step is spent below it.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    if time_grid not in TIME_GRIDS:
-        raise ValueError(f"Unknown time grid {time_grid!r}; allowed: {', '.join(TIME_GRIDS)}")
-    if num_steps < 1:
+    if isinstance(sampler, str):
+        choice.check_name(sampler, SAMPLERS, "sampler")
+    if isinstance(time_grid, str):
+        choice.check_name(time_grid, TIME_GRIDS, "time grid")
+    if isinstance(num_steps, int) and num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     init_key, loop_key = jax.random.split(rng)
     z = jax.random.normal(init_key, shape, dtype) if z_init is None else jnp.asarray(z_init, dtype)
-    # No noise draws in the deterministic samplers (a python eta of 0 is known to be deterministic).
+    # No noise draws in deterministic DDIM (a python eta of 0 is known to be deterministic).
     deterministic_ddim = isinstance(eta, (int, float)) and eta == 0
-    noisy = sampler in ("ddpm", "dpmpp2m_sde") or (sampler == "ddim" and not deterministic_ddim)
     batch = shape[0]
 
     def logsnr_at(j):  # log-SNR at grid point t_j, j = N..0
         u = jnp.maximum(j, 0) / num_steps  # clamped: iteration N asks for t_{-1}, see below
-        return schedule.logsnr(t_start * (u if time_grid == "uniform" else jnp.square(u)))
+        u = choice.switch(time_grid, TIME_GRIDS, "time grid", (lambda v: v, jnp.square), u)
+        return schedule.logsnr(t_start * u)
+
+    # The four updates from z_t to z_s. Each draws its own noise, so a sampler chosen at run time draws
+    # only what it uses, and the same numbers as when it is chosen by name.
+    def ddpm(zf, x0_hat, eps_hat, d, lt, ls, key):
+        del eps_hat, d
+        return ddpm_step(zf, x0_hat, logsnr_t=lt, logsnr_s=ls, noise=jax.random.normal(key, shape))
+
+    def ddim(zf, x0_hat, eps_hat, d, lt, ls, key):
+        del zf, d
+        noise = None if deterministic_ddim else jax.random.normal(key, shape)
+        return ddim_step(x0_hat, eps_hat, logsnr_t=lt, logsnr_s=ls, eta=eta, noise=noise)
+
+    def dpmpp2m(zf, x0_hat, eps_hat, d, lt, ls, key):
+        del x0_hat, eps_hat, key
+        return dpmpp_step(zf, d, logsnr_t=lt, logsnr_s=ls)
+
+    def dpmpp2m_sde(zf, x0_hat, eps_hat, d, lt, ls, key):
+        # An ancestral step from the extrapolated prediction.
+        del x0_hat, eps_hat
+        return ddpm_step(zf, d, logsnr_t=lt, logsnr_s=ls, noise=jax.random.normal(key, shape))
 
     def body(i, carry):
         z, x0_prev, logsnr_prev = carry
@@ -186,23 +217,27 @@ def sample(
         logsnr_t, logsnr_s = logsnr_at(num_steps - i), logsnr_at(num_steps - i - 1)
         x0_hat, eps_hat = denoise_fn(z, jnp.full((batch,), logsnr_t, jnp.float32))
         x0_hat, eps_hat = x0_hat.astype(jnp.float32), eps_hat.astype(jnp.float32)
-        noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32) if noisy else None
-        zf = z.astype(jnp.float32)
-        if sampler == "ddpm":
-            z_s = ddpm_step(zf, x0_hat, logsnr_t=logsnr_t, logsnr_s=logsnr_s, noise=noise)
-        elif sampler == "ddim":
-            z_s = ddim_step(x0_hat, eps_hat, logsnr_t=logsnr_t, logsnr_s=logsnr_s, eta=eta, noise=noise)
-        else:
-            # First step: no history. Step into t=0: first order, since the log-SNR jump there is the largest
-            # on any grid and extrapolating x0_hat over it overshoots (DPM-Solver's "lower order final").
-            first = (i == 0) | (i >= num_steps - 1)
-            d = extrapolated_x0(
-                x0_hat, x0_prev, logsnr_prev=logsnr_prev, logsnr_t=logsnr_t, logsnr_s=logsnr_s, first=first
-            )
-            if sampler == "dpmpp2m":
-                z_s = dpmpp_step(zf, d, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
-            else:  # the SDE form: an ancestral step from the extrapolated prediction
-                z_s = ddpm_step(zf, d, logsnr_t=logsnr_t, logsnr_s=logsnr_s, noise=noise)
+        # The 2M samplers' prediction. First step: no history. Step into t=0: first order, since the
+        # log-SNR jump there is the largest on any grid and extrapolating x0_hat over it overshoots
+        # (DPM-Solver's "lower order final"). Unused by the other samplers (and removed by XLA when the
+        # sampler is named).
+        first = (i == 0) | (i >= num_steps - 1)
+        d = extrapolated_x0(
+            x0_hat, x0_prev, logsnr_prev=logsnr_prev, logsnr_t=logsnr_t, logsnr_s=logsnr_s, first=first
+        )
+        z_s = choice.switch(
+            sampler,
+            SAMPLERS,
+            "sampler",
+            (ddpm, ddim, dpmpp2m, dpmpp2m_sde),
+            z.astype(jnp.float32),
+            x0_hat,
+            eps_hat,
+            d,
+            logsnr_t,
+            logsnr_s,
+            jax.random.fold_in(loop_key, i),
+        )
         z_next = jnp.where(i == num_steps, x0_hat, z_s).astype(dtype)
         return z_next, x0_hat, logsnr_t
 

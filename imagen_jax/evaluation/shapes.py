@@ -68,7 +68,7 @@ def evaluate_shapes(
             time_grid=time_grid,
             threshold=threshold,
         )
-        seconds = time.perf_counter() - t0  # compile included: the first weight of a program pays it
+        seconds = time.perf_counter() - t0  # compile included: the first call of a process pays it
         table = score_batch(images, scenes)
         results[f"guidance_{weight:g}"] = {
             **table,

@@ -1,7 +1,8 @@
 """Sampling one stage: prompts (and, for a super-resolution stage, low-res images) in, uint8 images out.
 
-The jitted program compiles once per (batch shape, sampler, steps, thresholding); the guidance weight and
-the noise-augmentation level are traced arguments, so sweeping them does not recompile. A super-resolution
+The jitted program compiles once per batch shape: the sampler, the number of steps, the time grid, the
+thresholding and its percentile, the guidance weight, eta and the noise-augmentation level are all traced
+arguments, so sweeping them does not recompile (nor miss the persistent compilation cache). A super-resolution
 stage samples at its full resolution whatever crop size it trained on (the U-Net is convolutional), so it
 compiles once per resolution. Classifier-free guidance drops only the text: the (augmented) low-res image
 and its level are the same in both branches.
@@ -19,7 +20,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from imagen_jax.data.pipeline import to_model_range
-from imagen_jax.diffusion import noise_aug, samplers
+from imagen_jax.diffusion import choice, noise_aug, samplers
+from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.errors import ConfigError, NonFiniteError
 from imagen_jax.models.unet import UNet
 from imagen_jax.parallel import mesh as mesh_lib
@@ -28,17 +30,7 @@ from imagen_jax.stage.build import Stage
 from imagen_jax.stage.images import to_uint8
 from imagen_jax.text.encoder import encode_tokens
 
-_SAMPLE_STATIC = (
-    "unet",
-    "schedule",
-    "objective",
-    "sampler",
-    "num_steps",
-    "threshold",
-    "percentile",
-    "time_grid",
-    "shape",
-)
+_SAMPLE_STATIC = ("unet", "schedule", "objective", "shape")
 
 
 @functools.cache
@@ -53,6 +45,31 @@ def sample_program(options: Any) -> Any:
     return _jitted_sample(tuple(sorted(xla_options.compiler_options(options).items())))
 
 
+def sample_options(
+    *, sampler: str, num_steps: int, time_grid: str, threshold: str, percentile: float
+) -> tuple[jax.Array, ...]:
+    """The sampling options as the program's run-time inputs (the arguments after `eta`), checked."""
+    named = (
+        (sampler, samplers.SAMPLERS, "sampler"),
+        (time_grid, samplers.TIME_GRIDS, "time grid"),
+        (threshold, THRESHOLD_KINDS, "thresholding"),
+    )
+    for name, allowed, what in named:
+        if name not in allowed:
+            raise ConfigError(f"{what} {name!r}: use one of {', '.join(allowed)}.")
+    if num_steps < 1:
+        raise ConfigError(f"{num_steps} sampling steps: use at least 1.")
+    if not 0.0 < percentile <= 100.0:
+        raise ConfigError(f"thresholding percentile {percentile}: use a value in (0, 100].")
+    return (
+        choice.index_of(sampler, samplers.SAMPLERS, "sampler"),
+        jnp.int32(num_steps),
+        choice.index_of(time_grid, samplers.TIME_GRIDS, "time grid"),
+        choice.index_of(threshold, THRESHOLD_KINDS, "thresholding"),
+        jnp.float32(percentile),
+    )
+
+
 _encode = jax.jit(encode_tokens, static_argnums=0)
 
 
@@ -64,8 +81,8 @@ def guided_denoiser(
     *,
     objective: str,
     guidance: float | jax.Array,
-    threshold: str,
-    percentile: float,
+    threshold: choice.Choice,
+    percentile: float | jax.Array,
     lowres: jax.Array | None = None,
     aug_logsnr: jax.Array | None = None,
 ) -> samplers.DenoiseFn:
@@ -99,17 +116,18 @@ def _sample(
     rng: jax.Array,
     guidance: jax.Array,
     eta: jax.Array,
+    sampler: jax.Array,
+    num_steps: jax.Array,
+    time_grid: jax.Array,
+    threshold: jax.Array,
+    percentile: jax.Array,
     *,
     unet: UNet,
     schedule: Any,
     objective: str,
-    sampler: str,
-    num_steps: int,
-    threshold: str,
-    percentile: float,
-    time_grid: str,
     shape: tuple[int, ...],
 ) -> jax.Array:
+    """The program `sample_program` compiles; the five inputs after `eta` are `sample_options`'."""
     aug_logsnr = None
     if lowres is not None:
         aug_rng, rng = jax.random.split(rng)
@@ -203,16 +221,16 @@ def generate(
     elif lowres is not None:
         raise ConfigError("a base stage (config.data.lowres_resolution=0) takes no low-res images.")
     guidance = s.guidance if guidance is None else guidance
-    opts = dict(
-        sampler=s.sampler if sampler is None else sampler,
-        num_steps=int(s.num_steps if num_steps is None else num_steps),
+    sampler = s.sampler if sampler is None else sampler
+    num_steps = int(s.num_steps if num_steps is None else num_steps)
+    eta = s.eta if eta is None else eta
+    options = sample_options(
+        sampler=sampler,
+        num_steps=num_steps,
+        time_grid=s.time_grid if time_grid is None else time_grid,
         threshold=s.threshold if threshold is None else threshold,
         percentile=float(s.percentile if percentile is None else percentile),
-        time_grid=s.time_grid if time_grid is None else time_grid,
     )
-    eta = s.eta if eta is None else eta
-    if opts["sampler"] not in samplers.SAMPLERS:
-        raise ConfigError(f"sampler {opts['sampler']!r}: use one of {samplers.SAMPLERS}.")
     shards = mesh_lib.batch_shards(stage.mesh, stage.rules)
     batch_size = batch_size or len(prompts)
     batch_size = -(-batch_size // shards) * shards
@@ -238,17 +256,17 @@ def generate(
             jax.random.fold_in(rng, start),
             jnp.float32(guidance),
             jnp.float32(eta),
+            *options,
             unet=stage.unet,
             schedule=stage.schedule,
             objective=stage.config.diffusion.objective,
             shape=(batch_size, res, res, 3),
-            **opts,
         )
         images = _to_host(images)[: len(chunk)]
         if not np.isfinite(images).all():  # never write a grid of NaN images as if it were a sample
             raise NonFiniteError(
                 "sampling produced NaN/inf pixels: the weights are non-finite or the sampler settings "
-                f"diverge (guidance {guidance}, {opts['sampler']} with {opts['num_steps']} steps)."
+                f"diverge (guidance {guidance}, {sampler} with {num_steps} steps)."
             )
         out.append(to_uint8(images))
     return np.concatenate(out)
