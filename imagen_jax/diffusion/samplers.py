@@ -192,14 +192,17 @@ def sample(
 
     # The four updates from z_t to z_s. Each draws its own noise, so a sampler chosen at run time draws
     # only what it uses, and the same numbers as when it is chosen by name.
+    def noise(key):
+        return jax.random.normal(key, shape, jnp.float32)
+
     def ddpm(zf, x0_hat, eps_hat, d, lt, ls, key):
         del eps_hat, d
-        return ddpm_step(zf, x0_hat, logsnr_t=lt, logsnr_s=ls, noise=jax.random.normal(key, shape))
+        return ddpm_step(zf, x0_hat, logsnr_t=lt, logsnr_s=ls, noise=noise(key))
 
     def ddim(zf, x0_hat, eps_hat, d, lt, ls, key):
         del zf, d
-        noise = None if deterministic_ddim else jax.random.normal(key, shape)
-        return ddim_step(x0_hat, eps_hat, logsnr_t=lt, logsnr_s=ls, eta=eta, noise=noise)
+        drawn = None if deterministic_ddim else noise(key)
+        return ddim_step(x0_hat, eps_hat, logsnr_t=lt, logsnr_s=ls, eta=eta, noise=drawn)
 
     def dpmpp2m(zf, x0_hat, eps_hat, d, lt, ls, key):
         del x0_hat, eps_hat, key
@@ -208,7 +211,7 @@ def sample(
     def dpmpp2m_sde(zf, x0_hat, eps_hat, d, lt, ls, key):
         # An ancestral step from the extrapolated prediction.
         del x0_hat, eps_hat
-        return ddpm_step(zf, d, logsnr_t=lt, logsnr_s=ls, noise=jax.random.normal(key, shape))
+        return ddpm_step(zf, d, logsnr_t=lt, logsnr_s=ls, noise=noise(key))
 
     def body(i, carry):
         z, x0_prev, logsnr_prev = carry
