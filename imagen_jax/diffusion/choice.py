@@ -28,15 +28,19 @@ def index_of(name: str, allowed: Sequence[str], what: str) -> jax.Array:
     return jnp.int32(check_name(name, allowed, what))
 
 
-def is_named(choice: Choice, name: str) -> bool:
-    """True only for the name itself: a run-time index may stand for any value."""
-    return isinstance(choice, str) and choice == name
+def equals(choice: Choice, name: str, allowed: Sequence[str]) -> bool | jax.Array:
+    """Whether `choice` is `name`: a Python bool for a name, a traced one for a run-time index (to select
+    between cheap values without a conditional)."""
+    if isinstance(choice, str):
+        return choice == name
+    return choice == list(allowed).index(name)
 
 
 def switch(
     choice: Choice, allowed: Sequence[str], what: str, branches: Sequence[Callable[..., Any]], *operands: Any
 ) -> Any:
-    """branches[i](*operands) for the option allowed[i] that `choice` names or indexes."""
+    """branches[i](*operands) for the option allowed[i] that `choice` names or indexes; at run time a
+    conditional, so the branches not chosen do not run."""
     if isinstance(choice, str):
         return branches[check_name(choice, allowed, what)](*operands)
     return jax.lax.switch(choice, branches, *operands)

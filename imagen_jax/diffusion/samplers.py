@@ -64,13 +64,11 @@ def make_denoise_fn(
     def denoise_fn(z: jax.Array, logsnr: jax.Array) -> tuple[jax.Array, jax.Array]:
         pred = guided(z, logsnr, cond, uncond)
         x0, eps = prediction_to_x_eps(pred, z, logsnr, objective=objective)
-        if choice.is_named(threshold, "none"):
+        unclipped = choice.equals(threshold, "none", THRESHOLD_KINDS)
+        if unclipped is True:
             return x0, eps
         clipped = threshold_x0(x0, kind=threshold, percentile=percentile)
-        eps_clipped = eps_from_x(clipped, z, logsnr)
-        if isinstance(threshold, str):
-            return clipped, eps_clipped
-        return clipped, jnp.where(threshold == THRESHOLD_KINDS.index("none"), eps, eps_clipped)
+        return clipped, jnp.where(unclipped, eps, eps_from_x(clipped, z, logsnr))
 
     return denoise_fn
 
@@ -187,7 +185,7 @@ def sample(
 
     def logsnr_at(j):  # log-SNR at grid point t_j, j = N..0
         u = jnp.maximum(j, 0) / num_steps  # clamped: iteration N asks for t_{-1}, see below
-        u = choice.switch(time_grid, TIME_GRIDS, "time grid", (lambda v: v, jnp.square), u)
+        u = jnp.where(choice.equals(time_grid, "quadratic", TIME_GRIDS), jnp.square(u), u)
         return schedule.logsnr(t_start * u)
 
     # The four updates from z_t to z_s. Each draws its own noise, so a sampler chosen at run time draws
