@@ -49,25 +49,20 @@ def sample_options(
     *, sampler: str, num_steps: int, time_grid: str, threshold: str, percentile: float
 ) -> tuple[jax.Array, ...]:
     """The sampling options as the program's run-time inputs (the arguments after `eta`), checked."""
-    named = (
-        (sampler, samplers.SAMPLERS, "sampler"),
-        (time_grid, samplers.TIME_GRIDS, "time grid"),
-        (threshold, THRESHOLD_KINDS, "thresholding"),
-    )
-    for name, allowed, what in named:
-        if name not in allowed:
-            raise ConfigError(f"{what} {name!r}: use one of {', '.join(allowed)}.")
     if num_steps < 1:
         raise ConfigError(f"{num_steps} sampling steps: use at least 1.")
     if not 0.0 < percentile <= 100.0:
         raise ConfigError(f"thresholding percentile {percentile}: use a value in (0, 100].")
-    return (
-        choice.index_of(sampler, samplers.SAMPLERS, "sampler"),
-        jnp.int32(num_steps),
-        choice.index_of(time_grid, samplers.TIME_GRIDS, "time grid"),
-        choice.index_of(threshold, THRESHOLD_KINDS, "thresholding"),
-        jnp.float32(percentile),
-    )
+    try:
+        return (
+            choice.index_of(sampler, samplers.SAMPLERS, "sampler"),
+            jnp.int32(num_steps),
+            choice.index_of(time_grid, samplers.TIME_GRIDS, "time grid"),
+            choice.index_of(threshold, THRESHOLD_KINDS, "thresholding"),
+            jnp.float32(percentile),
+        )
+    except ValueError as e:  # an unknown name
+        raise ConfigError(str(e)) from None
 
 
 _encode = jax.jit(encode_tokens, static_argnums=0)
