@@ -109,8 +109,16 @@ def compile_only(config, batch: int) -> list[dict]:
     lowered.compile()
     t2 = time.perf_counter()
     print(f"lowered in {t1 - t0:.1f} s, XLA compiled in {t2 - t1:.1f} s", flush=True)
-    row = {"sampler": "any", "steps": "any", "batch": batch}
-    return [row | {"compile_seconds": t2 - t0, "lower_seconds": t1 - t0, "xla_compile_seconds": t2 - t1}]
+    return [
+        {
+            "sampler": "any",
+            "steps": "any",
+            "batch": batch,
+            "compile_seconds": t2 - t0,
+            "lower_seconds": t1 - t0,
+            "xla_compile_seconds": t2 - t1,
+        }
+    ]
 
 
 def main(argv: list[str]) -> None:

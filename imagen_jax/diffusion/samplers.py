@@ -65,7 +65,7 @@ def make_denoise_fn(
         pred = guided(z, logsnr, cond, uncond)
         x0, eps = prediction_to_x_eps(pred, z, logsnr, objective=objective)
         unclipped = choice.equals(threshold, "none", THRESHOLD_KINDS)
-        if unclipped is True:
+        if unclipped is True:  # named "none": the program holds no thresholding
             return x0, eps
         clipped = threshold_x0(x0, kind=threshold, percentile=percentile)
         return clipped, jnp.where(unclipped, eps, eps_from_x(clipped, z, logsnr))
