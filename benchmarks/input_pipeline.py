@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from imagen_jax.data.pipeline import make_loader, measure_throughput
 from imagen_jax.data.sources import build_source
+from imagen_jax.parallel import xla_options
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.training.loop import text_inputs
 from imagen_jax.training.text_pretraining import prepare_run_text
@@ -29,7 +30,8 @@ FLAGS = flags.FLAGS
 
 def benchmark(config, workdir: str, num_batches: int) -> dict:
     source = build_source(config.data, workdir, "train")
-    prepare_run_text(config.text, workdir, source)  # the vocabulary and T5 a run makes, as train.py does
+    # The vocabulary and T5 a run makes, as train.py does.
+    prepare_run_text(config.text, workdir, source, xla_options.compiler_options(config.get("xla_options")))
     stage = stage_lib.build_stage(config, workdir=workdir)
     loader = make_loader(
         source,

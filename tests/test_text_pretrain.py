@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
@@ -175,6 +176,44 @@ def test_tagged_batches_add_the_whole_caption_beside_span_corruption():
     with pytest.raises(ConfigError, match="span_weight and tag_weight are both 0: pretraining would learn"):
         pretrain.pretrain_t5(TINY, tokenizer, ["a"], num_steps=1, batch_size=1, learning_rate=1e-3, seed=0,
                              span_weight=0)
+
+
+def test_pretraining_pads_to_the_longest_caption_and_further_padding_changes_nothing(caplog):
+    """`pretrain_t5` runs at `fitted_input_length`, not the tokenizer's max_length: a step on the same
+    captions, corruptions and tags padded to either length gives the same losses, accuracies and new
+    weights (T5's positions are relative, and padding is masked in its attention and in both losses)."""
+    tokenizer = make_tokenizer("byte", 48)
+    captions = CAPTIONS[:8]
+    ids = pretrain.tokenize_captions(captions, tokenizer)
+    fitted = pretrain.fitted_input_length(ids)
+    assert fitted == max(len(c) for c in captions) + 1 == 23
+    tags = [np.where(np.arange(row.size) < 5, row.size % 2, -1)[:, None] for row in ids]
+    model = T5EncoderDecoder(TINY, decoder_layers=1)
+    optimizer = optax.adamw(1e-2)
+    step = jax.jit(pretrain.make_train_step(model, optimizer, span_weight=1.0, tag_weight=1.0))
+    ones = jnp.ones((1, 4), jnp.int32)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), ones, ones > 0, ones)["params"])
+    encoded = jnp.zeros((1, 4, TINY.d_model))
+    params["tag_head"] = pretrain.TagHead(1).init(jax.random.PRNGKey(1), encoded)["params"]
+    stepped = []
+    for length in (fitted, tokenizer.max_length):
+        batch = pretrain.batch_from_ids(
+            ids, np.random.default_rng(0), input_length=length, vocab_size=TINY.vocab_size,
+            target_length=pretrain.max_target_length(length, random_roll=True), random_roll=True, tags=tags,
+        )
+        assert batch["input_ids"].shape == (8, length)
+        stepped.append(jax.device_get(step((params, optimizer.init(params)), batch)))
+    (fitted_params, _), fitted_metrics = stepped[0]
+    (padded_params, _), padded_metrics = stepped[1]
+    assert fitted_metrics["span_loss"] > 1.0 and fitted_metrics["loss"] > fitted_metrics["span_loss"]
+    for key in ("loss", "span_loss", "accuracy", "tag_accuracy"):
+        np.testing.assert_allclose(fitted_metrics[key], padded_metrics[key], rtol=1e-5, err_msg=key)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, fitted_params, padded_params)
+    with caplog.at_level(logging.INFO, logger="imagen_jax"):
+        pretrain.pretrain_t5(TINY, tokenizer, captions, num_steps=1, batch_size=4, learning_rate=1e-3, seed=0,
+                             decoder_layers=1)
+    assert "input length 23 (the longest caption; served at 48)" in caplog.text, caplog.text
 
 
 def _spans(caption: str, words: dict[str, tuple[int, ...]]) -> list[tuple[int, int, tuple[int, ...]]]:

@@ -36,7 +36,7 @@ import pathlib
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -400,6 +400,14 @@ def make_train_step(
     return train_step
 
 
+def fitted_input_length(corpus: Sequence[np.ndarray]) -> int:
+    """The encoder input length that pretraining on `corpus` (token ids without EOS) needs: its longest
+    caption and EOS. A span-corrupted caption is no longer (one sentinel replaces at least one token).
+    Padding past it changes neither loss, since T5's positions are relative and its attention and both
+    losses mask padding (`tests/test_text_pretrain.py`)."""
+    return max(ids.size for ids in corpus) + 1
+
+
 def _epoch_batches(num_items: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Index batches that visit every item once per epoch in a fresh random order."""
     order, pos = rng.permutation(num_items), 0
@@ -434,6 +442,7 @@ def pretrain_t5(
     tag_spans: Sequence[TagSpans] | None = None,
     tag_weight: float = 0.0,
     span_weight: float = 1.0,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, list[float]]:
     """Span-corruption pretraining of a T5 encoder-decoder on `captions`; returns (encoder params: the
     T5Encoder tree, unboxed float32, usable with `T5Encoder` / `save_encoder`; loss per step).
@@ -443,12 +452,15 @@ def pretrain_t5(
     the decoder) on its outputs learns each tagged token's 0/1 tags; the loss adds tag_weight x their
     sigmoid cross-entropy. span_weight scales span corruption's loss; 0 = tags only (no decoder is made).
 
-    Inputs are tokenizer.max_length long (the length the encoder later serves). AdamW with linear warmup
-    (default num_steps // 10 steps) and cosine decay to 0.1 x learning_rate, gradients clipped to global
-    norm 1; weight decay on matrices only. Deterministic for a seed: numpy Generator(seed) draws batches
-    and noise, PRNGKey(seed) the initialisation. time_budget_s > 0 stops early (after that many seconds).
-    random_roll defaults to True here: captions are short, and unrolled their one or two spans always
-    include the caption's end (see `random_spans_noise_mask`).
+    Inputs are `fitted_input_length` long: the longest caption and its EOS, often well short of
+    tokenizer.max_length (the length the encoder later serves). Padding further would change nothing
+    either loss reads, only cost time. compiler_options go to the programs' `jax.jit`.
+
+    AdamW with linear warmup (default num_steps // 10 steps) and cosine decay to 0.1 x learning_rate,
+    gradients clipped to global norm 1; weight decay on matrices only. Deterministic for a seed: numpy
+    Generator(seed) draws batches and noise, PRNGKey(seed) the initialisation. time_budget_s > 0 stops
+    early (after that many seconds). random_roll defaults to True here: captions are short, and unrolled
+    their one or two spans always include the caption's end (see `random_spans_noise_mask`).
     """
     if num_steps < 1 or batch_size < 1:
         raise ConfigError(f"num_steps ({num_steps}) and batch_size ({batch_size}) must be positive.")
@@ -469,7 +481,7 @@ def pretrain_t5(
     if tagging and all(tags is None for _, tags in pairs):
         raise ConfigError(f"tag_weight={tag_weight} but no caption has a tagged token.")
     corpus = [ids for ids, _ in pairs]
-    input_length = tokenizer.max_length
+    input_length = fitted_input_length(corpus)
     target_length = max_target_length(input_length, noise_density, mean_span_length, random_roll)
     most_spans = max_spans(input_length, noise_density, mean_span_length, random_roll)
     largest_id = max(int(ids.max()) for ids in corpus)
@@ -503,14 +515,17 @@ def pretrain_t5(
             params["tag_head"] = TagHead(num_tags).init(jax.random.fold_in(rng, 1), encoded)["params"]
         return params, optimizer.init(params)
 
-    state = jax.jit(init)(jax.random.PRNGKey(seed))
+    state = jax.jit(init, compiler_options=compiler_options)(jax.random.PRNGKey(seed))
     step_fn = jax.jit(
-        make_train_step(model, optimizer, span_weight=span_weight, tag_weight=tag_weight), donate_argnums=(0,)
+        make_train_step(model, optimizer, span_weight=span_weight, tag_weight=tag_weight),
+        donate_argnums=(0,),
+        compiler_options=compiler_options,
     )
     sizes = {k: sum(p.size for p in jax.tree.leaves(v)) for k, v in state[0].items()}
-    log.info("pretraining T5 on %d captions (%d tagged): %d steps x batch %d, input length %d, target "
-             "length %d, parameters %s", len(corpus), sum(tags is not None for _, tags in pairs), num_steps,
-             batch_size, input_length, target_length, sizes)
+    log.info("pretraining T5 on %d captions (%d tagged): %d steps x batch %d, input length %d (the longest "
+             "caption; served at %d), target length %d, parameters %s", len(corpus),
+             sum(tags is not None for _, tags in pairs), num_steps, batch_size, input_length,
+             tokenizer.max_length, target_length, sizes)
 
     batches = _epoch_batches(len(corpus), batch_size, np_rng)
     metrics_history: list[dict[str, jax.Array]] = []

@@ -340,7 +340,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     )
 
     source = build_source(config.data, workdir, "train")
-    prepare_run_text(config.text, workdir, source)
+    prepare_run_text(config.text, workdir, source, xla_options.compiler_options(config.get("xla_options")))
     stage = build_stage(config, mesh, workdir)
     optimizer = make_optimizer(config.optim, tc.num_steps)
     loader = make_loader(

@@ -20,7 +20,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -50,9 +51,15 @@ LOSSES_FILE = "pretrain_losses.json"
 _CURVE_EVERY = 10  # steps per TensorBoard point of the pretraining loss
 
 
-def prepare_run_text(text: ml_collections.ConfigDict, workdir: str, source: Sequence[dict]) -> None:
+def prepare_run_text(
+    text: ml_collections.ConfigDict,
+    workdir: str,
+    source: Sequence[dict],
+    compiler_options: Mapping[str, Any] | None = None,
+) -> None:
     """Learns the run's vocabulary, then pretrains its T5, on the captions of the training `source`, each
-    only where `text` asks for it and the workdir does not have it yet."""
+    only where `text` asks for it and the workdir does not have it yet. The pretraining's programs compile
+    with `compiler_options` (the run's, `parallel.xla_options.compiler_options`)."""
     tagging = text.encoder == PRETRAINED_IN_RUN and text.pretrain.tag_weight > 0
     # One pass over the source reads what either step needs (the scenes too for the tags).
     keys = ("caption", "scene") if tagging else ("caption",)
@@ -65,7 +72,7 @@ def prepare_run_text(text: ml_collections.ConfigDict, workdir: str, source: Sequ
             return [shapes.object_tags(caption, shapes.Scene.from_json(scene))
                     for caption, scene in zip(captions(), columns()["scene"], strict=True)]
 
-        _ensure_text_encoder(text, workdir, captions, tag_spans if tagging else None)
+        _ensure_text_encoder(text, workdir, captions, tag_spans if tagging else None, compiler_options)
 
 
 def _read_columns(source: Sequence[dict], keys: tuple[str, ...]) -> dict[str, list[str]]:
@@ -130,6 +137,7 @@ def _ensure_text_encoder(
     workdir: str,
     captions: Callable[[], list[str]],
     tag_spans: Callable[[], list[pretrain.TagSpans]] | None,
+    compiler_options: Mapping[str, Any] | None,
 ) -> None:
     folder = pretrained_folder(workdir)
     if not _missing(folder / "config.json"):
@@ -167,6 +175,7 @@ def _ensure_text_encoder(
             tag_spans=tag_spans() if tag_spans else None,
             tag_weight=pt.tag_weight,
             span_weight=pt.span_weight,
+            compiler_options=compiler_options,
         )
         pretrain.save_encoder(folder, t5_config, params)
         (folder / LOSSES_FILE).write_text(json.dumps({"loss": [float(x) for x in losses]}))
