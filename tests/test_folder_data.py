@@ -9,7 +9,8 @@ from PIL import Image
 
 from configs import shapes as shapes_config
 from imagen_jax.data.folder import FolderSource, check_folder_options
-from imagen_jax.data.sources import build_source
+from imagen_jax.data.pipeline import read_text_columns
+from imagen_jax.data.sources import RenamedSource, build_source
 from imagen_jax.errors import ConfigError, DataError, UserError
 
 BG = (10, 20, 30)
@@ -257,3 +258,53 @@ def test_build_source_passes_folder_options_and_rejects_bad_config(tmp_path):
     # Configs saved before these keys existed still build, with the defaults.
     old = ml_collections.ConfigDict({"name": "folder", "folder": str(tmp_path), "resolution": 16})
     assert build_source(old, str(tmp_path)).report.aspect_cropped == 1
+
+
+# --- text columns ----------------------------------------------------------------------------------
+
+
+class _Records:
+    """A random-access source that counts how it is read; `batched` adds `__getitems__`."""
+
+    def __init__(self, records, batched):
+        self.records, self.single, self.many = records, 0, 0
+        if batched:
+            self.__getitems__ = self._getitems
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        self.single += 1
+        return self.records[index]
+
+    def _getitems(self, indices):
+        self.many += 1
+        return [self.records[i] for i in indices]
+
+
+def test_text_columns_are_read_in_chunks_and_a_folder_loads_no_image(tmp_path, monkeypatch):
+    records = [{"caption": f"c{i}".encode(), "scene": f"s{i}", "image": None} for i in range(10)]
+    want = {"caption": [f"c{i}" for i in range(10)], "scene": [f"s{i}" for i in range(10)]}
+    for batched in (True, False):
+        source = _Records(records, batched)
+        assert read_text_columns(source, ("caption", "scene"), chunk=4) == want
+        assert (source.many, source.single) == ((3, 0) if batched else (0, 10))
+    # The shapes SR stage's renamed TFDS source keeps its batched reads.
+    renamed = RenamedSource(_Records(records, True), {"scene": "layout"})
+    assert read_text_columns(renamed, ("layout",), chunk=4) == {"layout": want["scene"]}
+    assert renamed.source.many == 3 and renamed.source.single == 0
+    with pytest.raises(DataError, match=r"records have no 'tags' \(only \['caption', 'image', 'scene'\]\)"):
+        read_text_columns(records, ("caption", "tags"))
+    _rgb(tmp_path, "a.png")
+    _rgb(tmp_path, "b.png")
+    _tsv(tmp_path, "a.png", "b.png")
+    folder = FolderSource(tmp_path, 8)
+
+    def no_image(*args, **kwargs):
+        raise AssertionError("read an image for its caption")
+
+    monkeypatch.setattr("imagen_jax.data.folder.load_image", no_image)
+    assert read_text_columns(folder, ("caption",)) == {"caption": ["caption of a.png", "caption of b.png"]}
+    with pytest.raises(DataError, match=r"a folder's records have no \['scene'\]"):
+        read_text_columns(folder, ("caption", "scene"))

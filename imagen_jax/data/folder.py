@@ -289,6 +289,13 @@ class FolderSource:
         lowres = downsample(image, self.lowres_resolution, self.lowres_downsample)
         return {"image": image, "lowres": lowres, "caption": item.caption}
 
+    def text_columns(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        """The items' captions (the only text field), as `pipeline.read_text_columns` reads them: from
+        the captions file, loading no image."""
+        if set(keys) - {"caption"}:
+            raise DataError(f"a folder's records have no {sorted(set(keys) - {'caption'})} (only 'caption').")
+        return {"caption": [item.caption for item in self.items]}
+
     def __repr__(self) -> str:  # grain checks a restored iterator against it; base-stage form unchanged
         lowres = ""
         if self.lowres_resolution:

@@ -16,7 +16,7 @@ Stage keys (read with `.get`, so configs saved before they existed still load):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 from etils import epath
@@ -68,7 +68,13 @@ class RenamedSource:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        return {self.names.get(k, k): v for k, v in self.source[index].items()}
+        return self._renamed(self.source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, object]]:
+        return [self._renamed(record) for record in self.source.__getitems__(indices)]
+
+    def _renamed(self, record: Mapping[str, object]) -> dict[str, object]:
+        return {self.names.get(k, k): v for k, v in record.items()}
 
     def __repr__(self) -> str:  # grain validates a restored iterator against repr(source): keep it stable
         return f"RenamedSource({self.source!r}, {self.names!r})"

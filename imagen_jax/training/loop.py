@@ -22,7 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from imagen_jax.data.pipeline import as_str, make_loader
+from imagen_jax.data.pipeline import make_loader, read_text_columns
 from imagen_jax.data.sources import build_source
 from imagen_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from imagen_jax.parallel import distributed, memory, xla_options
@@ -93,7 +93,7 @@ def text_inputs(config: ml_collections.ConfigDict, workdir: str, source: object,
     # Process 0 decides, so that every process takes part in building it (a collective) or none does.
     if not multihost_utils.broadcast_one_to_all(np.int32(epath.Path(path).is_dir())):
         log.info("building the T5 embedding cache for %d captions in %s", len(source), path)
-        captions = (as_str(source[i]["caption"]) for i in range(len(source)))
+        captions = read_text_columns(source, ("caption",))["caption"]
         EmbeddingCache.build(
             captions,
             stage.text,

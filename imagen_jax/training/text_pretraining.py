@@ -30,7 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from imagen_jax.data import shapes
-from imagen_jax.data.pipeline import as_str
+from imagen_jax.data.pipeline import read_text_columns
 from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import distributed
 from imagen_jax.text import pretrain
@@ -63,7 +63,14 @@ def prepare_run_text(
     tagging = text.encoder == PRETRAINED_IN_RUN and text.pretrain.tag_weight > 0
     # One pass over the source reads what either step needs (the scenes too for the tags).
     keys = ("caption", "scene") if tagging else ("caption",)
-    columns = functools.cache(lambda: _read_columns(source, keys))
+    first = sorted(source[0]) if len(source) else []
+    if tagging and "scene" not in first:
+        raise ConfigError(
+            "config.text.pretrain.tag_weight > 0 tags the words of each training scene, but this dataset's "
+            f"records have no 'scene' (only {first}): it needs data.name='shapes', or set "
+            "--config.text.pretrain.tag_weight=0."
+        )
+    columns = functools.cache(lambda: read_text_columns(source, keys))
     captions = lambda: columns()["caption"]  # noqa: E731
     if text.tokenizer == LEARNED_TOKENIZER:
         _ensure_tokenizer(text.learned_tokenizer, workdir, captions)
@@ -73,21 +80,6 @@ def prepare_run_text(
                     for caption, scene in zip(captions(), columns()["scene"], strict=True)]
 
         _ensure_text_encoder(text, workdir, captions, tag_spans if tagging else None, compiler_options)
-
-
-def _read_columns(source: Sequence[dict], keys: tuple[str, ...]) -> dict[str, list[str]]:
-    columns: dict[str, list[str]] = {key: [] for key in keys}
-    for index in range(len(source)):
-        record = source[index]
-        for key in keys:
-            if key not in record:
-                raise ConfigError(
-                    "config.text.pretrain.tag_weight > 0 tags the words of each training scene, but "
-                    f"this dataset's records have no {key!r} (only {sorted(record)}): it needs "
-                    "data.name='shapes', or set --config.text.pretrain.tag_weight=0."
-                )
-            columns[key].append(as_str(record[key]))
-    return columns
 
 
 def _missing(path: epath.Path) -> bool:
