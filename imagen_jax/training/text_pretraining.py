@@ -63,11 +63,11 @@ def prepare_run_text(
     tagging = text.encoder == PRETRAINED_IN_RUN and text.pretrain.tag_weight > 0
     # One pass over the source reads what either step needs (the scenes too for the tags).
     keys = ("caption", "scene") if tagging else ("caption",)
-    first = sorted(source[0]) if len(source) else []
-    if tagging and "scene" not in first:
+    has = sorted(source[0]) if tagging and len(source) else []
+    if tagging and "scene" not in has:
         raise ConfigError(
             "config.text.pretrain.tag_weight > 0 tags the words of each training scene, but this dataset's "
-            f"records have no 'scene' (only {first}): it needs data.name='shapes', or set "
+            f"records have no 'scene' (only {has}): it needs data.name='shapes', or set "
             "--config.text.pretrain.tag_weight=0."
         )
     columns = functools.cache(lambda: read_text_columns(source, keys))
