@@ -2,7 +2,7 @@ r"""Sample a PNG grid from a trained base stage, optionally through super-resolu
 
   python sample.py --workdir runs/shapes --prompt "a large red circle" --num 8 --guidance 3 \
       --sampler dpmpp2m --steps 25 --out grid.png
-  python sample.py --workdir runs/shapes --prompts_file prompts.txt --out grid.png
+  python sample.py --workdir runs/shapes --prompts_file prompts.txt --out grid.png    # or .csv, .json
   python sample.py --workdir runs/shapes --sr_workdir runs/shapes_sr --sr_aug_level 0.1 \
       --prompt "a small blue square" --num 4 --out cascade.png
 
@@ -26,7 +26,11 @@ from imagen_jax.diffusion.samplers import SAMPLERS
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ (its config is used).")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable). An empty string is unconditional.")
-flags.DEFINE_string("prompts_file", None, "UTF-8 text file with one prompt per line.")
+flags.DEFINE_string(
+    "prompts_file",
+    None,
+    "Prompts: .txt (one a line), .csv (a `prompt` column, as DrawBench's) or .json (a list of strings).",
+)
 flags.DEFINE_integer("num", 8, "Images per prompt.")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance weight (default: config.sample.guidance).")
 flags.DEFINE_enum("sampler", None, SAMPLERS, "Sampler (default: config.sample.sampler).")

@@ -14,17 +14,22 @@ Exit status:
 
 `--verbose`, or `IMAGEN_JAX_VERBOSE=1` in the environment, re-raises instead, so the traceback shows.
 This module never reads flag values itself: the scripts define `--verbose` and pass its holder in.
+
+The `python -m imagen_jax...` programs parse with `ArgumentParser` (argparse) and end the same way
+through `run_argparse`; `comma_separated` and `number` are argparse types that refuse a bad value before
+anything loads.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import ml_collections
 from absl import app, flags
@@ -71,10 +76,82 @@ def run(main: Callable[[list[str]], Any], *, verbose: flags.FlagHolder[bool]) ->
         except (UserError, app.UsageError) as e:
             if verbose.value or verbose_from_env():
                 raise
-            usage = isinstance(e, (UsageError, app.UsageError))
-            fail(str(e) or type(e).__name__, EXIT_USAGE if usage else EXIT_ERROR)
+            _fail_with(e)
 
     app.run(guarded, flags_parser=parse)
+
+
+def _fail_with(e: BaseException) -> NoReturn:
+    usage = isinstance(e, (UsageError, app.UsageError))
+    fail(str(e) or type(e).__name__, EXIT_USAGE if usage else EXIT_ERROR)
+
+
+def run_argparse(main: Callable[[], Any]) -> None:
+    """Runs an argparse program's `main()`, which reads `sys.argv`: a `UserError` ends as `error: <message>`
+    (exit 1; 2 for a `UsageError`) unless `--verbose` is among the arguments or IMAGEN_JAX_VERBOSE=1.
+    Command-line mistakes end in the program's `ArgumentParser` (exit 2)."""
+    try:
+        status = main()
+    except UserError as e:
+        if "--verbose" in sys.argv[1:] or verbose_from_env():
+            raise
+        _fail_with(e)
+    sys.exit(status or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the `python -m imagen_jax...` programs: a command-line mistake ends as one
+    `error: <message>` line with exit 2, as train.py's and sample.py's do."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message, EXIT_USAGE)
+
+
+T = TypeVar("T")
+
+
+def comma_separated(
+    kind: Callable[[str], T],
+    *,
+    choices: Sequence[str] = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Callable[[str], list[T]]:
+    """An argparse `type` for `a,b,c`: each item converted by `kind` and, if given, one of `choices` and
+    within [`minimum`, `maximum`]; argparse reports a bad item as `argument --x: <why>`."""
+
+    def parse(text: str) -> list[T]:
+        values = []
+        for item in text.split(","):
+            try:
+                value = kind(item.strip())
+            except ValueError:
+                what = "an integer" if kind is int else "a number"  # str never raises ValueError
+                raise argparse.ArgumentTypeError(f"{item!r} is not {what}") from None
+            if choices and value not in choices:
+                raise argparse.ArgumentTypeError(f"{item!r} is not one of {', '.join(choices)}")
+            if minimum is not None and value < minimum:
+                raise argparse.ArgumentTypeError(f"{item!r} is below {minimum:g}")
+            if maximum is not None and value > maximum:
+                raise argparse.ArgumentTypeError(f"{item!r} is above {maximum:g}")
+            values.append(value)
+        return values
+
+    return parse
+
+
+def number(
+    kind: Callable[[str], T], *, minimum: float | None = None, maximum: float | None = None
+) -> Callable[[str], T]:
+    """An argparse `type`: one int or float within [`minimum`, `maximum`]."""
+    items = comma_separated(kind, minimum=minimum, maximum=maximum)
+
+    def parse(text: str) -> T:
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"{text!r} is one value, not a list")
+        return items(text)[0]
+
+    return parse
 
 
 @dataclasses.dataclass(frozen=True)

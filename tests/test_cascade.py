@@ -244,9 +244,10 @@ def test_shapes_evaluation_scores_the_same_scenes_in_both_caption_sets(trained, 
     assert "== heldout captions, guidance 1 (4 scenes" in printed
     assert "| ddpm_2_heldout | 1 |" in printed
     assert (trained / "base" / "eval" / "samples_ddpm_2_heldout_guidance_1.png").is_file()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         shapes_eval.main([*args, "--wordings", "casual"])
-    assert "--wordings casual: unknown; use some of standard,heldout" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "error: argument --wordings: 'casual' is not one of standard, heldout" in capsys.readouterr().err
 
     # Rates with their binomial standard errors; the relation's is over the scenes where both were found.
     table = {

@@ -15,9 +15,11 @@ import pytest
 
 from imagen_jax import errors
 from imagen_jax.cascade.sampling_cli import read_prompts, sample_to_grid
+from imagen_jax.data.prompts import read_prompt_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/shapes.py:tiny"
+DRAWBENCH = ROOT.parent / "shared" / "data" / "drawbench.csv"
 
 
 def _run(script: str, *args: str, verbose_env: bool = False) -> subprocess.CompletedProcess:
@@ -80,6 +82,8 @@ def _train(tmp_path: pathlib.Path, *args: str, **kw: bool) -> subprocess.Complet
             "config.train.sample_prompts=() must be a non-empty tuple of strings",
             1,
         ),
+        # The U-Net's own checks run here too, before the data and text encoder are prepared.
+        (["--config.model.channels=0"], "model.channels=0 must be an int >= 1", 1),
         (
             ["--config.model.channel_mults=(1, 2, 4)"],
             "config.model.self_attention=(False, True) has 2 entries but model.channel_mults=(1, 2, 4)",
@@ -158,6 +162,68 @@ def test_prompts_file_errors_are_user_errors(tmp_path):
         read_prompts([], None)
     with pytest.raises(errors.UsageError, match="--num must be >= 1"):
         sample_to_grid(str(tmp_path), prompts=["x"], prompts_file=None, num=0, out="g.png")
+    for options, message in (({"eta": 1.5}, "--eta must be in"), ({"aug_level": -0.1}, "--sr_aug_level")):
+        with pytest.raises(errors.UsageError, match=message):
+            sample_to_grid(str(tmp_path), prompts=["x"], prompts_file=None, num=1, out="g.png", **options)
+
+
+def test_one_prompt_reader_for_text_csv_and_json(tmp_path):
+    """sample.py and `python -m imagen_jax.text.encode` read prompt files alike (`data.prompts`)."""
+    drawbench = read_prompt_file(DRAWBENCH, keep_blank=False)
+    assert len(drawbench) == 200 and drawbench[0] == "A red colored car."
+    assert read_prompts([], str(DRAWBENCH)) == drawbench
+    text = tmp_path / "p.txt"
+    text.write_text("a red circle\n\na blue square\n")
+    # encode keeps a blank line (the unconditional prompt); sample.py skips it
+    assert read_prompt_file(text, keep_blank=True) == ["a red circle", "", "a blue square"]
+    assert read_prompt_file(text, keep_blank=False) == ["a red circle", "a blue square"]
+    listed = tmp_path / "p.json"
+    listed.write_text('["a", ""]')
+    assert read_prompt_file(listed, keep_blank=False) == ["a", ""]
+    for name, content, message in (
+        ("cols.csv", "text,category\na,b\n", r"has no 'prompt' column \(columns: \['text', 'category'\]\)"),
+        ("bad.json", '{"prompt": "a"}', "must hold a JSON list of strings"),
+        ("broken.json", '["a",', "is not JSON"),
+    ):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(errors.DataError, match=message):
+            read_prompt_file(tmp_path / name, keep_blank=False)
+    with pytest.raises(errors.InputFileNotFoundError, match="is not a file"):
+        read_prompt_file(tmp_path, keep_blank=False)
+
+
+def _run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return _run("-m", module, *args)
+
+
+EVAL = "imagen_jax.evaluation.shapes"
+
+
+@pytest.mark.parametrize(
+    "module, args, message, status",
+    [
+        (EVAL, ["--sampler", "ddpm,foo"], "argument --sampler: 'foo' is not one of ddpm, ddim", 2),
+        (EVAL, ["--steps", "25,x"], "argument --steps: 'x' is not an integer", 2),
+        (EVAL, ["--num", "0"], "argument --num: '0' is below 1", 2),
+        (EVAL, ["--guidance", "1,abc"], "argument --guidance: 'abc' is not a number", 2),
+        (EVAL, [], "no checkpoints in", 1),  # before: CheckpointNotFoundError's traceback
+        (EVAL + "_sr", ["--aug_level", "2"], "argument --aug_level: '2' is above 1", 2),
+        (EVAL + "_sr", [], "no checkpoints in", 1),
+    ],
+)
+def test_evaluation_mistakes_are_one_line(tmp_path, module, args, message, status):
+    _assert_one_line_error(_run_module(module, "--workdir", str(tmp_path), *args), message, status)
+
+
+def test_encode_mistakes_are_one_line(tmp_path):
+    args = ["--t5", str(tmp_path / "t5"), "--out", str(tmp_path / "e.npz")]
+    missing = _run_module("imagen_jax.text.encode", *args, "--prompts_file", str(tmp_path / "p.txt"))
+    _assert_one_line_error(missing, "prompts file", 1)
+    (tmp_path / "p.txt").write_text("a corgi\n")
+    no_t5 = _run_module("imagen_jax.text.encode", *args, "--prompts_file", str(tmp_path / "p.txt"))
+    _assert_one_line_error(no_t5, "T5 checkpoint folder", 1)
+    short = _run_module("imagen_jax.text.encode", *args, "--prompts_file", "x", "--max_length", "1")
+    _assert_one_line_error(short, "argument --max_length: '1' is below 2", 2)
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = "config"):

@@ -229,8 +229,3 @@ def test_encode_cli(tmp_path, capsys):
     assert saved["mask"].sum(1).tolist() == [4, 7, 0]
     ref, _ = hf_loader.load_t5_encoder(folder, max_length=16).encode(["a cute corgi"])
     np.testing.assert_allclose(saved["embeddings"][0], np.asarray(ref)[0, :7], atol=1e-6)
-    txt = tmp_path / "prompts.txt"
-    txt.write_text("a corgi\n")
-    assert encode.read_prompts(txt) == ["a corgi"]
-    with pytest.raises(FileNotFoundError, match="prompts file"):
-        encode.read_prompts(tmp_path / "none.txt")

@@ -230,6 +230,23 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         ("model.attention_impl", "cudnn", "attention_impl='cudnn' needs an NVIDIA GPU"),  # CPU tests
         ("text.encoder", "pretrain", "pretrains the T5 and then freezes it: set config.text.train_jointly"),
         ("diffusion.train_logsnr_shift", -40.0, "train_logsnr_shift=-40.0 would put every training level"),
+        # The U-Net's fields, from its constructor: before, a shape error or a division by zero inside the
+        # first trace, after the data and the text encoder were prepared.
+        ("model.channels", -1, "model.channels=-1 must be an int >= 1"),
+        ("model.head_dim", 0, "model.head_dim=0 must be >= 1 and divide every level width"),
+        ("model.num_heads", 3, "model.num_heads=3 must divide every level width"),
+        ("model.patch_size", 0, "model.patch_size=0 must be an int >= 1"),
+        ("model.dropout", 1.5, r"model.dropout=1.5 must be in \[0, 1\)"),
+        ("model.remat_policy", "dots", "model.remat_policy='dots' is not one of"),
+        ("model.chanels", 8, "unknown config.model keys"),
+        # Before, accepted: NaN images (eta > 1), a diverging optimizer, a silently empty evaluation.
+        ("sample.eta", 1.5, r"config.sample.eta=1.5 must be in \[0, 1\]"),
+        ("sample.percentile", 0.0, r"config.sample.percentile=0.0 must be in \(0, 100\]"),
+        ("optim.b2", 1.0, r"config.optim.b2=1.0 must be in \[0, 1\)"),
+        ("optim.weight_decay", -0.1, "config.optim.weight_decay=-0.1 must be >= 0"),
+        ("optim.warmup_steps", -1, "config.optim.warmup_steps=-1 must be >= 0"),
+        ("text.max_length", 1, "config.text.max_length=1 must be >= 2"),
+        ("eval.num_captions", 0, "config.eval.num_captions=0 must be > 0"),
     ],
 )
 def test_bad_config_values_are_named(key, value, message):
@@ -238,8 +255,18 @@ def test_bad_config_values_are_named(key, value, message):
     node = config
     for section in sections:
         node = node[section]
-    node[field] = value
+    with config.unlocked():
+        node[field] = value
     with pytest.raises(ValueError, match=message):
+        validate_config(config)
+
+
+def test_min_snr_gamma_is_checked_where_it_weighs_the_loss():
+    config = tiny_config()
+    config.diffusion.min_snr_gamma = 0.0
+    validate_config(config)  # unused with loss_weighting="none"
+    config.diffusion.loss_weighting = "min_snr"
+    with pytest.raises(ValueError, match="config.diffusion.min_snr_gamma=0.0 must be > 0"):
         validate_config(config)
 
 

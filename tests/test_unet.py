@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from imagen_jax.errors import ConfigError
 from imagen_jax.models import layers
 from imagen_jax.models import unet as unet_lib
 from imagen_jax.models.unet import UNet, compute_dtype, convert_layout, unet_from_config
@@ -224,10 +225,44 @@ def test_parameters_carry_logical_axis_names():
     assert tuple(conv_in) == (None, None, "conv_in", "conv_out")
 
 
-def test_bad_level_lists_raise_clear_error():
-    model = UNet(**{**SMALL, "self_attention": (True, False, True)})
-    with pytest.raises(ValueError, match="self_attention has 3 entries"):
-        model.init(jax.random.PRNGKey(0), *_inputs())
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("self_attention", (True, False, True), "model.self_attention has 3 entries"),
+        ("channels", 0, "model.channels=0 must be an int >= 1"),
+        ("channels", -1, "model.channels=-1 must be an int >= 1"),
+        ("channel_mults", (1, 0), r"model.channel_mults=\(1, 0\) must be a non-empty tuple of ints >= 1"),
+        ("num_res_blocks", (1, -1), r"num_res_blocks=\(1, -1\): each level's count must be an int >= 0"),
+        ("head_dim", 0, "model.head_dim=0 must be >= 1 and divide every level width"),
+        ("head_dim", 3, r"divide every level width \[8, 16\] and model.text_dim=16"),
+        ("num_heads", 3, "model.num_heads=3 must divide every level width"),
+        ("norm_groups", 0, "model.norm_groups=0 must be an int >= 1"),
+        ("cond_dim", 0, "model.cond_dim=0"),
+        ("text_dim", 12, "model.text_dim=12"),  # head_dim 8 does not divide it
+        ("patch_size", 0, "model.patch_size=0"),
+        ("out_channels", 0, "model.out_channels=0"),
+        ("dropout", 1.0, r"model.dropout=1.0 must be in \[0, 1\)"),
+        ("null_text", "none", "model.null_text='none': use one of"),
+        ("remat_policy", "dots", "model.remat_policy='dots' is not one of"),
+        ("logsnr_min_period", 0.0, "must satisfy 0 < min < max"),
+    ],
+)
+def test_bad_fields_fail_at_construction_naming_the_field(field, value, message):
+    """Before any tracing (and so before a run's data and text encoder are prepared): one ConfigError
+    naming the field, where the trace would fail with a shape error, a division by zero, or not at all."""
+    with pytest.raises(ConfigError, match=message):
+        UNet(**{**SMALL, field: value})
+
+
+def test_lowres_upsample_is_checked_where_used_and_legal_extremes_still_trace():
+    with pytest.raises(ConfigError, match="model.lowres_upsample='bicubik' is not a jax.image.resize method"):
+        UNet(**SMALL, lowres_cond=True, lowres_upsample="bicubik")
+    UNet(**SMALL, lowres_upsample="bicubik")  # a base stage never resizes: not its concern
+    for efficient in (False, True):
+        fields = {**SMALL, "num_res_blocks": 0, "num_heads": 2, "norm_groups": 5}
+        extreme = UNet(**fields, efficient=efficient)
+        out = jax.eval_shape(lambda m=extreme: m.init_with_output(jax.random.PRNGKey(0), *_inputs())[0])
+        assert out.shape == (2, 16, 16, 3)
 
 
 def test_remat_keeps_parameters_outputs_and_gradients():

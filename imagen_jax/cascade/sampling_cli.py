@@ -3,7 +3,6 @@ prompt lists out."""
 
 from __future__ import annotations
 
-import codecs
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -11,39 +10,27 @@ from collections.abc import Mapping, Sequence
 import jax
 
 from imagen_jax.cascade.pipeline import Cascade
+from imagen_jax.data.prompts import read_prompt_file
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
-from imagen_jax.errors import DataError, InputFileNotFoundError, UsageError
+from imagen_jax.errors import UsageError
 from imagen_jax.stage.images import save_grid, side_by_side
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
-    """Prompts from the command line and/or a file (one per line, UTF-8; blank lines are skipped)."""
+    """Prompts from the command line and/or a file (`data.prompts.read_prompt_file`: .txt one per line,
+    blank lines skipped; .csv with a `prompt` column, e.g. DrawBench; .json list)."""
     out = list(prompts)
     if prompts_file:
-        if not os.path.isfile(prompts_file):
-            what = "is not a file" if os.path.exists(prompts_file) else "does not exist"
-            raise InputFileNotFoundError(f"--prompts_file {prompts_file!r} {what}.")
-        with open(prompts_file, "rb") as f:
-            raw = f.read().removeprefix(codecs.BOM_UTF8)  # editors on Windows write one
-        # Decoded line by line so that a bad byte is reported with its line, not as a bare offset.
-        for number, line in enumerate(raw.splitlines(), 1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"--prompts_file {prompts_file!r} line {number} is not UTF-8 (byte 0x{line[e.start]:02x} "
-                    f"at column {e.start + 1}); save the file as UTF-8."
-                ) from None
-            if text.strip():
-                out.append(text)
+        out += read_prompt_file(prompts_file, keep_blank=False)
     if not out:
         raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
     return out
 
 
 def check_sample_options(options: Mapping[str, object]) -> None:
-    """Refuses unknown sampler/threshold names and step counts < 1 before the checkpoint is loaded."""
+    """Refuses unknown sampler/threshold names, step counts < 1 and eta or augmentation levels outside
+    [0, 1] before the checkpoint is loaded."""
     for key, flag, allowed in (
         ("sampler", "--sampler", samplers.SAMPLERS),
         ("threshold", "--threshold", THRESHOLD_KINDS),
@@ -54,6 +41,10 @@ def check_sample_options(options: Mapping[str, object]) -> None:
     steps = options.get("num_steps")
     if isinstance(steps, int) and steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}.")
+    for key, flag in (("eta", "--eta"), ("aug_level", "--sr_aug_level")):
+        value = options.get(key)
+        if value is not None and not 0.0 <= float(value) <= 1.0:
+            raise UsageError(f"{flag} must be in [0, 1], got {value}.")
 
 
 def _beside(out: str, suffix: str) -> str:

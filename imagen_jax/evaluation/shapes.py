@@ -25,7 +25,10 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
+from imagen_jax import cli
 from imagen_jax.data.shapes import WORDINGS, eval_set
+from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import save_grid
@@ -91,36 +94,48 @@ def evaluate_shapes(
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
-    parser.add_argument("--guidance", default=None, help="comma-separated weights (default: config.eval)")
-    parser.add_argument("--num", type=int, default=None, help="held-out captions (default: config.eval)")
-    parser.add_argument("--sampler", default=None, help="comma-separated samplers (default: config.sample)")
-    parser.add_argument("--steps", default=None, help="comma-separated step counts (default: config.sample)")
-    parser.add_argument("--time_grid", default=None, help="uniform or quadratic (default: config.sample)")
-    parser.add_argument("--threshold", default=None, help="none, static or dynamic (default: config.sample)")
     parser.add_argument(
-        "--wordings", default=None, help=f"comma-separated caption sets of {WORDINGS} (default: config.eval)"
+        "--guidance", type=cli.comma_separated(float), help="comma-separated weights (default: config.eval)"
     )
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--num", type=cli.number(int, minimum=1), help="held-out captions (default: config.eval)"
+    )
+    parser.add_argument(
+        "--sampler",
+        type=cli.comma_separated(str, choices=samplers.SAMPLERS),
+        help="comma-separated samplers (default: config.sample)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=cli.comma_separated(int, minimum=1),
+        help="comma-separated step counts (default: config.sample)",
+    )
+    parser.add_argument("--time_grid", choices=samplers.TIME_GRIDS, help="default: config.sample")
+    parser.add_argument("--threshold", choices=THRESHOLD_KINDS, help="default: config.sample")
+    parser.add_argument(
+        "--wordings",
+        type=cli.comma_separated(str, choices=WORDINGS),
+        help=f"comma-separated caption sets of {WORDINGS} (default: config.eval)",
+    )
+    parser.add_argument("--step", type=cli.number(int, minimum=0), help="checkpoint step (default: latest)")
     parser.add_argument("--out", default=None, help="JSON path (default: <workdir>/eval/shapes_eval.json)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     stage = load_stage(args.workdir, step=args.step)
     ev: ml_collections.ConfigDict = stage.config.eval
-    weights = [float(w) for w in args.guidance.split(",")] if args.guidance else list(ev.guidance_weights)
+    weights = args.guidance or list(ev.guidance_weights)
     if not args.guidance and stage.config.sample.guidance not in weights:
         weights.append(float(stage.config.sample.guidance))
-    samplers = args.sampler.split(",") if args.sampler else [stage.config.sample.sampler]
-    steps = [int(n) for n in args.steps.split(",")] if args.steps else [int(stage.config.sample.num_steps)]
-    wordings = args.wordings.split(",") if args.wordings else list(ev.get("wordings", WORDINGS))
-    unknown = sorted(set(wordings) - set(WORDINGS))
-    if unknown:
-        parser.error(f"--wordings {','.join(unknown)}: unknown; use some of {','.join(WORDINGS)}")
+    samplers_run = args.sampler or [stage.config.sample.sampler]
+    steps = args.steps or [int(stage.config.sample.num_steps)]
+    wordings = args.wordings or list(ev.get("wordings", WORDINGS))
     out_dir = os.path.join(args.workdir, "eval")
     results = {}
-    for sampler, num_steps, wording in itertools.product(samplers, steps, wordings):
+    for sampler, num_steps, wording in itertools.product(samplers_run, steps, wordings):
         print(f"\n##### {sampler}, {num_steps} steps, {wording} captions", flush=True)
         results[f"{sampler}_{num_steps}_{wording}"] = evaluate_shapes(
             stage,
@@ -188,4 +203,4 @@ def summary_table(results: dict[str, dict[str, dict]]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

@@ -26,8 +26,11 @@ import jax
 import numpy as np
 from PIL import Image
 
+from imagen_jax import cli
 from imagen_jax.data.resample import downsample
 from imagen_jax.data.shapes import eval_set, render
+from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import save_grid, side_by_side
@@ -158,20 +161,30 @@ def evaluate_cascade(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", required=True, help="the SR stage's training workdir")
     parser.add_argument(
         "--base_workdir", default=None, help="the base stage's workdir: also score the cascade"
     )
-    parser.add_argument("--num", type=int, default=None, help="held-out scenes (default: config.eval)")
     parser.add_argument(
-        "--aug_level", type=float, default=0.0, help="SR input augmentation level (from truth)"
+        "--num", type=cli.number(int, minimum=1), help="held-out scenes (default: config.eval)"
     )
-    parser.add_argument("--sampler", default=None, help="SR sampler (default: the stage's config)")
-    parser.add_argument("--steps", type=int, default=None, help="SR sampling steps (default: config)")
-    parser.add_argument("--threshold", default=None, help="SR thresholding (default: config)")
+    parser.add_argument(
+        "--aug_level",
+        type=cli.number(float, minimum=0.0, maximum=1.0),
+        default=0.0,
+        help="SR input augmentation level in [0, 1] (from truth)",
+    )
+    parser.add_argument(
+        "--sampler", choices=samplers.SAMPLERS, help="SR sampler (default: the stage's config)"
+    )
+    parser.add_argument(
+        "--steps", type=cli.number(int, minimum=1), help="SR sampling steps (default: config)"
+    )
+    parser.add_argument("--threshold", choices=THRESHOLD_KINDS, help="SR thresholding (default: config)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     options = {"sampler": args.sampler, "num_steps": args.steps, "threshold": args.threshold}
     sr = load_stage(args.workdir)
@@ -214,4 +227,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

@@ -70,8 +70,6 @@ def _block_modules(remat: bool, policy: str, initializing: bool) -> tuple[type[n
     blocks = _PLAIN_BLOCKS if initializing else _JITTED_BLOCKS
     if not remat:
         return blocks
-    if policy not in REMAT_POLICIES:
-        raise ConfigError(f"model.remat_policy={policy!r}: use one of {REMAT_POLICIES}.")
     kw = dict(policy=getattr(jax.checkpoint_policies, policy))
     res_block, self_attention, cross_attention = blocks
     return (
@@ -179,6 +177,63 @@ def _runs(path: str, level: int, input_shapes: Sequence[Any]) -> list[BlockRun]:
     return runs
 
 
+_NULL_TEXTS = ("zero", "learned")
+_POSITIVE_INTS = ("channels", "cond_dim", "text_dim", "out_channels", "patch_size", "norm_groups")
+
+
+def _check_fields(unet: UNet) -> None:
+    """The U-Net's fields (`config.model`'s keys) as far as they can be checked without tracing: one
+    `ConfigError` naming the field and what it must be, instead of a shape error deep inside the trace."""
+    for name in _POSITIVE_INTS:
+        value = getattr(unet, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model.{name}={value!r} must be an int >= 1.")
+    mults = tuple(unet.channel_mults)
+    if not mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mults):
+        raise ConfigError(
+            f"model.channel_mults={mults!r} must be a non-empty tuple of ints >= 1, e.g. (1, 2, 4)."
+        )
+    for count in _per_level(unet.num_res_blocks, len(mults), "num_res_blocks"):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigError(
+                f"model.num_res_blocks={unet.num_res_blocks!r}: each level's count must be an int >= 0."
+            )
+    for name in ("self_attention", "cross_attention"):
+        _per_level(getattr(unet, name), len(mults), name)
+    # Every level's blocks and the text pooling take their heads from the same setting.
+    widths = [unet.channels * m for m in mults] + [unet.text_dim]
+    if unet.num_heads:
+        if unet.num_heads < 0 or any(w % unet.num_heads for w in widths):
+            raise ConfigError(
+                f"model.num_heads={unet.num_heads} must divide every level width {widths[:-1]} and "
+                f"model.text_dim={unet.text_dim} (or be 0: heads of model.head_dim channels)."
+            )
+    elif unet.head_dim < 1 or any(w % unet.head_dim for w in widths):
+        raise ConfigError(
+            f"model.head_dim={unet.head_dim} must be >= 1 and divide every level width {widths[:-1]} and "
+            f"model.text_dim={unet.text_dim}."
+        )
+    if not 0.0 <= unet.dropout < 1.0:
+        raise ConfigError(f"model.dropout={unet.dropout} must be in [0, 1).")
+    if unet.null_text not in _NULL_TEXTS:
+        raise ConfigError(f"model.null_text={unet.null_text!r}: use one of {list(_NULL_TEXTS)}.")
+    if unet.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat_policy={unet.remat_policy!r} is not one of {list(REMAT_POLICIES)}.")
+    if not 0.0 < unet.logsnr_min_period < unet.logsnr_max_period:
+        raise ConfigError(
+            f"model.logsnr_min_period={unet.logsnr_min_period} and logsnr_max_period="
+            f"{unet.logsnr_max_period} must satisfy 0 < min < max."
+        )
+    if unet.lowres_cond:
+        try:
+            jax.image.ResizeMethod.from_string(unet.lowres_upsample)
+        except ValueError:
+            raise ConfigError(
+                f"model.lowres_upsample={unet.lowres_upsample!r} is not a jax.image.resize method: use "
+                "'nearest', 'bilinear', 'bicubic', 'lanczos3' or 'lanczos5'."
+            ) from None
+
+
 class UNet(nn.Module):
     """Predicts the diffusion target (v, eps or x0) from a noisy image, its log-SNR and the text."""
 
@@ -228,16 +283,16 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def __post_init__(self) -> None:
+        _check_fields(self)  # at construction: a bad value fails before any tracing, naming its field
+        super().__post_init__()
+
     def _learned_null(self) -> bool:
-        if self.null_text not in ("zero", "learned"):
-            raise ConfigError(f"model.null_text={self.null_text!r}: use 'zero' or 'learned'.")
         return self.null_text == "learned"
 
     def _heads(self, width: int) -> tuple[int, int]:
         if self.num_heads:
             return self.num_heads, width // self.num_heads
-        if width % self.head_dim:
-            raise ConfigError(f"model.head_dim={self.head_dim} does not divide the level width {width}.")
         return width // self.head_dim, self.head_dim
 
     def _conditioning(

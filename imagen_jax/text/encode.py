@@ -10,34 +10,13 @@ with L trimmed to the longest prompt unless --no_trim. --fsdp shards the encoder
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import pathlib
-import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
-
-def read_prompts(path: str | pathlib.Path) -> list[str]:
-    """Prompts from a .txt (one per line), .csv (`prompt` column) or .json (list of strings) file."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} not found.")
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if "prompt" not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: no 'prompt' column (columns: {reader.fieldnames}).")
-            return [row["prompt"] for row in reader]
-    if path.suffix == ".json":
-        prompts = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(prompts, list):
-            raise ValueError(f"{path}: expected a JSON list of strings, got {type(prompts).__name__}.")
-        return prompts
-    return path.read_text(encoding="utf-8").splitlines()
+from imagen_jax import cli
+from imagen_jax.data.prompts import read_prompt_file
 
 
 def encode_prompts(
@@ -59,25 +38,26 @@ def encode_prompts(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--t5", required=True, help="Hugging Face T5 folder or cached hub id")
     parser.add_argument("--prompts_file", required=True)
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's; 'byte'; a spiece.model")
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=cli.number(int, minimum=2), default=128)
+    parser.add_argument("--batch_size", type=cli.number(int, minimum=1), default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="parameter and compute dtype")
     parser.add_argument("--out_dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--no_trim", action="store_true", help="keep max_length positions")
     parser.add_argument("--fsdp", action="store_true", help="shard parameters over all devices")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
 
     from imagen_jax.parallel import axes
     from imagen_jax.parallel import mesh as mesh_lib
     from imagen_jax.text.hf_loader import load_t5_encoder
 
-    prompts = read_prompts(args.prompts_file)
+    prompts = read_prompt_file(args.prompts_file, keep_blank=True)
     if not prompts:
         parser.error(f"{args.prompts_file} holds no prompts")
     mesh = rules = None
@@ -98,4 +78,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_argparse(main)

@@ -14,7 +14,7 @@ from imagen_jax.data.sources import check_stage_data
 from imagen_jax.diffusion import objectives, samplers, schedules
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.errors import ConfigError
-from imagen_jax.models.unet import COMPUTE_DTYPES, REMAT_POLICIES, compute_dtype
+from imagen_jax.models.unet import COMPUTE_DTYPES, compute_dtype, unet_from_config
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
 from imagen_jax.text import pretrain
@@ -43,6 +43,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(d.loss_weighting, objectives.WEIGHTINGS, "diffusion.loss_weighting")
     if not 0.0 <= d.caption_dropout < 1.0:
         raise ConfigError(f"config.diffusion.caption_dropout={d.caption_dropout} must be in [0, 1).")
+    if d.loss_weighting == "min_snr":
+        _positive(d.min_snr_gamma, "diffusion.min_snr_gamma")
     if d.logsnr_min >= d.logsnr_max:
         raise ConfigError(
             f"config.diffusion.logsnr_min ({d.logsnr_min}) must be < logsnr_max ({d.logsnr_max})."
@@ -65,12 +67,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(o.name, ("adamw", "adafactor"), "optim.name")
     _choice(o.decay, ("cosine", "constant"), "optim.decay")
     _positive(o.learning_rate, "optim.learning_rate")
+    for key in ("warmup_steps", "end_lr_factor", "weight_decay", "grad_clip"):  # grad_clip 0: no clipping
+        _positive(o[key], f"optim.{key}", allow_zero=True)
+    for key in ("b1", "b2"):
+        if not 0.0 <= o[key] < 1.0:
+            raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1) (a moment's decay).")
     if not 0.0 <= o.ema_decay < 1.0:
         raise ConfigError(f"config.optim.ema_decay={o.ema_decay} must be in [0, 1).")
     _choice(s.sampler, samplers.SAMPLERS, "sample.sampler")
     _choice(s.time_grid, samplers.TIME_GRIDS, "sample.time_grid")
     _choice(s.threshold, THRESHOLD_KINDS, "sample.threshold")
     _positive(s.num_steps, "sample.num_steps")
+    if not 0.0 <= s.eta <= 1.0:
+        raise ConfigError(f"config.sample.eta={s.eta} must be in [0, 1] (0: deterministic DDIM).")
+    if not 0.0 < s.percentile <= 100.0:
+        raise ConfigError(f"config.sample.percentile={s.percentile} must be in (0, 100].")
     for key in ("batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every"):
         _positive(t[key], f"train.{key}")
     _positive(t.stop_check_every, "train.stop_check_every")
@@ -82,6 +93,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     _positive(t.sample_every, "train.sample_every", allow_zero=True)
     _positive(t.time_budget_minutes, "train.time_budget_minutes", allow_zero=True)
+    if config.text.max_length < 2:
+        raise ConfigError(f"config.text.max_length={config.text.max_length} must be >= 2 (a token and EOS).")
+    for key in ("num_captions", "batch_size"):
+        if key in config.get("eval", {}):
+            _positive(config.eval[key], f"eval.{key}")
     for key, section in (("data", config.data), ("eval", config.get("eval", {}))):
         _probability(section.get("two_object_prob", 0.0), f"{key}.two_object_prob")
     made_up = config.data.get("made_up_words")
@@ -104,13 +120,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         xla_options.parse_options(spec, key=f"xla_options.{backend}")
     xla_options.check_model_dtype(config.get("xla_options"), compute_dtype(config.model.dtype))
     _check_levels(config.model)
+    unet_from_config(config.model)  # constructing the U-Net checks its fields (unet._check_fields)
     _check_attention(config.model)
     if config.model.get("image_positions", False) and config.data.get("crop_resolution", 0):
         raise ConfigError(
             "config.model.image_positions=True tells the U-Net where each pixel sits in the image, which a "
             f"crop (config.data.crop_resolution={config.data.crop_resolution}) does not: set one of them off."
         )
-    _choice(config.model.get("remat_policy", "nothing_saveable"), REMAT_POLICIES, "model.remat_policy")
     res, patch = config.data.resolution, config.model.patch_size
     factor = patch * 2 ** (len(config.model.channel_mults) - 1)
     if res % factor:
