@@ -247,6 +247,7 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         ("optim.warmup_steps", -1, "config.optim.warmup_steps=-1 must be >= 0"),
         ("text.max_length", 1, "config.text.max_length=1 must be >= 2"),
         ("eval.num_captions", 0, "config.eval.num_captions=0 must be > 0"),
+        ("data.name", "imagenet", "config.data.name='imagenet': use one of"),
     ],
 )
 def test_bad_config_values_are_named(key, value, message):

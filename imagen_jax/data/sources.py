@@ -31,6 +31,8 @@ DATASETS = ("shapes", "folder")
 
 def check_stage_data(data: ml_collections.ConfigDict) -> None:
     """Raise ConfigError (naming the key and the fix) unless the stage keys above can work together."""
+    if data.name not in DATASETS:
+        raise ConfigError(f"config.data.name={data.name!r}: use one of {DATASETS}.")
     resolution = data.resolution
     lowres = data.get("lowres_resolution", 0)
     check_lowres(resolution, lowres, data.get("lowres_downsample", "bicubic"))
@@ -86,8 +88,6 @@ def build_source(data: ml_collections.ConfigDict, workdir: str | os.PathLike, sp
     Base stages yield records with one image key; SR stages (data.lowres_resolution > 0) yield "image"
     and "lowres" (see the module docstring).
     """
-    if data.name not in DATASETS:
-        raise ConfigError(f"config.data.name={data.name!r}: use one of {DATASETS}.")
     check_stage_data(data)
     lowres = data.get("lowres_resolution", 0)
     if data.name == "shapes":
