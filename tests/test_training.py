@@ -233,8 +233,8 @@ def test_batch_that_does_not_divide_the_mesh_is_a_clear_error(tmp_path):
         # The U-Net's fields, from its constructor: before, a shape error or a division by zero inside the
         # first trace, after the data and the text encoder were prepared.
         ("model.channels", -1, "model.channels=-1 must be an int >= 1"),
-        ("model.head_dim", 0, "model.head_dim=0 must be >= 1 and divide every level width"),
-        ("model.num_heads", 3, "model.num_heads=3 must divide every level width"),
+        ("model.head_dim", 0, "model.head_dim=0 must be >= 1 and divide the width of every level with"),
+        ("model.num_heads", 3, "model.num_heads=3 must divide the width of every level with attention"),
         ("model.patch_size", 0, "model.patch_size=0 must be an int >= 1"),
         ("model.dropout", 1.5, r"model.dropout=1.5 must be in \[0, 1\)"),
         ("model.remat_policy", "dots", "model.remat_policy='dots' is not one of"),

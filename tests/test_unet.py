@@ -233,9 +233,9 @@ def test_parameters_carry_logical_axis_names():
         ("channels", -1, "model.channels=-1 must be an int >= 1"),
         ("channel_mults", (1, 0), r"model.channel_mults=\(1, 0\) must be a non-empty tuple of ints >= 1"),
         ("num_res_blocks", (1, -1), r"num_res_blocks=\(1, -1\): each level's count must be an int >= 0"),
-        ("head_dim", 0, "model.head_dim=0 must be >= 1 and divide every level width"),
-        ("head_dim", 3, r"divide every level width \[8, 16\] and model.text_dim=16"),
-        ("num_heads", 3, "model.num_heads=3 must divide every level width"),
+        ("head_dim", 0, "model.head_dim=0 must be >= 1 and divide the width of every level with attention"),
+        ("head_dim", 3, r"every level with attention \[16\] and model.text_dim=16"),
+        ("num_heads", 3, "model.num_heads=3 must divide the width of every level with attention"),
         ("norm_groups", 0, "model.norm_groups=0 must be an int >= 1"),
         ("cond_dim", 0, "model.cond_dim=0"),
         ("text_dim", 12, "model.text_dim=12"),  # head_dim 8 does not divide it
@@ -258,8 +258,11 @@ def test_lowres_upsample_is_checked_where_used_and_legal_extremes_still_trace():
     with pytest.raises(ConfigError, match="model.lowres_upsample='bicubik' is not a jax.image.resize method"):
         UNet(**SMALL, lowres_cond=True, lowres_upsample="bicubik")
     UNet(**SMALL, lowres_upsample="bicubik")  # a base stage never resizes: not its concern
-    for efficient in (False, True):
-        fields = {**SMALL, "num_res_blocks": 0, "num_heads": 2, "norm_groups": 5}
+    # No blocks in a level; groups that do not divide the width (gcd); a level without attention whose
+    # width (12) head_dim 8 does not divide.
+    odd_widths = {**SMALL, "channels": 12, "num_res_blocks": 0, "norm_groups": 5}
+    for fields in (odd_widths, {**odd_widths, "num_heads": 2, "channels": 8}):
+        efficient = "num_heads" in fields
         extreme = UNet(**fields, efficient=efficient)
         out = jax.eval_shape(lambda m=extreme: m.init_with_output(jax.random.PRNGKey(0), *_inputs())[0])
         assert out.shape == (2, 16, 16, 3)

@@ -198,20 +198,26 @@ def _check_fields(unet: UNet) -> None:
             raise ConfigError(
                 f"model.num_res_blocks={unet.num_res_blocks!r}: each level's count must be an int >= 0."
             )
-    for name in ("self_attention", "cross_attention"):
-        _per_level(getattr(unet, name), len(mults), name)
-    # Every level's blocks and the text pooling take their heads from the same setting.
-    widths = [unet.channels * m for m in mults] + [unet.text_dim]
+    attends = [
+        s or c
+        for s, c in zip(
+            _per_level(unet.self_attention, len(mults), "self_attention"),
+            _per_level(unet.cross_attention, len(mults), "cross_attention"),
+            strict=True,
+        )
+    ]
+    # The attention layers and the text pooling all take their heads from the same setting.
+    widths = [unet.channels * m for m, a in zip(mults, attends, strict=True) if a]
     if unet.num_heads:
-        if unet.num_heads < 0 or any(w % unet.num_heads for w in widths):
+        if unet.num_heads < 0 or any(w % unet.num_heads for w in [*widths, unet.text_dim]):
             raise ConfigError(
-                f"model.num_heads={unet.num_heads} must divide every level width {widths[:-1]} and "
-                f"model.text_dim={unet.text_dim} (or be 0: heads of model.head_dim channels)."
+                f"model.num_heads={unet.num_heads} must divide the width of every level with attention "
+                f"{widths} and model.text_dim={unet.text_dim} (or be 0: heads of model.head_dim channels)."
             )
-    elif unet.head_dim < 1 or any(w % unet.head_dim for w in widths):
+    elif unet.head_dim < 1 or any(w % unet.head_dim for w in [*widths, unet.text_dim]):
         raise ConfigError(
-            f"model.head_dim={unet.head_dim} must be >= 1 and divide every level width {widths[:-1]} and "
-            f"model.text_dim={unet.text_dim}."
+            f"model.head_dim={unet.head_dim} must be >= 1 and divide the width of every level with "
+            f"attention {widths} and model.text_dim={unet.text_dim}."
         )
     if not 0.0 <= unet.dropout < 1.0:
         raise ConfigError(f"model.dropout={unet.dropout} must be in [0, 1).")
