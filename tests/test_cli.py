@@ -140,6 +140,9 @@ def test_verbose_shows_the_traceback(tmp_path):
         (["--steps=0", "--prompt=x"], "--steps must be >= 1, got 0.", 2),
         ([], "no prompts: pass --prompt TEXT", 2),
         (["--prompts_file=/nonexistent/prompts.txt"], "'/nonexistent/prompts.txt' does not exist.", 1),
+        # Before the checkpoint is looked for: before, only after sampling.
+        (["--prompt=x", "--out=grid.pgn"], "unknown image file extension '.pgn' in grid.pgn; use e.g.", 2),
+        (["--prompt=x", "--eta=1.5"], "--eta must be in [0, 1], got 1.5.", 2),
     ],
 )
 def test_sample_mistakes_are_one_line(tmp_path, args, message, status):

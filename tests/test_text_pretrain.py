@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from imagen_jax.errors import ConfigError
+from imagen_jax.errors import ConfigError, NonFiniteError
 from imagen_jax.text import encoder as encoder_lib
 from imagen_jax.text import hf_loader, pretrain
 from imagen_jax.text.t5 import T5Config, T5Encoder, T5EncoderDecoder, relative_position_buckets
@@ -176,6 +176,13 @@ def test_tagged_batches_add_the_whole_caption_beside_span_corruption():
     with pytest.raises(ConfigError, match="span_weight and tag_weight are both 0: pretraining would learn"):
         pretrain.pretrain_t5(TINY, tokenizer, ["a"], num_steps=1, batch_size=1, learning_rate=1e-3, seed=0,
                              span_weight=0)
+
+
+def test_diverged_pretraining_is_a_user_error_naming_the_key():
+    with pytest.raises(NonFiniteError, match=r"nan in steps 1..2; lower config.text.pretrain.learning_rate"):
+        pretrain.pretrain_t5(TINY, make_tokenizer("byte", 16), ["a red circle", "a blue square"], num_steps=4,
+                             batch_size=2, learning_rate=float("inf"), seed=0, decoder_layers=1, log_every=2,
+                             warmup_steps=0)
 
 
 def test_pretraining_pads_to_the_longest_caption_and_further_padding_changes_nothing(caplog):

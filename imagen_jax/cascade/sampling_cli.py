@@ -14,7 +14,7 @@ from imagen_jax.data.prompts import read_prompt_file
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.errors import UsageError
-from imagen_jax.stage.images import save_grid, side_by_side
+from imagen_jax.stage.images import image_format_of, save_grid, side_by_side
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -71,6 +71,7 @@ def sample_to_grid(
     stage's grid is also written (`<out>.stage<k>_<res>px.png`) and a side-by-side comparison."""
     if num < 1:
         raise UsageError(f"--num must be >= 1, got {num}.")
+    image_format_of(out)  # an --out PIL cannot write fails now, not after sampling
     check_sample_options(sample_options)
     for options in sr_options:
         check_sample_options(options)

@@ -10,6 +10,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from imagen_jax.errors import UsageError
 from imagen_jax.parallel import distributed
 
 
@@ -41,6 +42,15 @@ def make_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2) -
     return grid
 
 
+def image_format_of(path: str | os.PathLike) -> str:
+    """PIL's format for `path`, from its suffix as `Image.save(filename)` chooses it (e.g. "PNG")."""
+    suffix = os.path.splitext(os.fspath(path))[1]
+    image_format = Image.registered_extensions().get(suffix.lower())
+    if image_format is None:
+        raise UsageError(f"unknown image file extension {suffix!r} in {os.fspath(path)}; use e.g. .png")
+    return image_format
+
+
 def save_grid(
     images: np.ndarray,
     prompts: Sequence[str],
@@ -60,10 +70,7 @@ def save_grid(
     if not distributed.is_primary():
         return path, txt
     out = epath.Path(path)
-    # The format comes from the suffix, as `Image.save(filename)` would choose it.
-    image_format = Image.registered_extensions().get(out.suffix.lower())
-    if image_format is None:
-        raise ValueError(f"unknown image file extension {out.suffix!r} in {path}; use e.g. .png")
+    image_format = image_format_of(path)
     grid = make_grid(images, columns=columns)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture = Image.fromarray(grid)

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from imagen_jax.errors import ConfigError
+from imagen_jax.errors import ConfigError, NonFiniteError
 from imagen_jax.text.encoder import check_tokenizer_vocab
 from imagen_jax.text.hf_loader import hf_param_names
 from imagen_jax.text.t5 import T5Config, T5Encoder, T5EncoderDecoder
@@ -556,8 +556,8 @@ def pretrain_t5(
             tagged = (f", span loss {np.mean([m['span_loss'] for m in window]):.4g}, tags right "
                       + "/".join(f"{a:.3f}" for a in tag_right) if tagging else "")
             if not np.isfinite(loss):
-                raise RuntimeError(f"T5 pretraining loss is {loss} in steps {logged_step + 1}..{step}; "
-                                   "lower learning_rate.")
+                raise NonFiniteError(f"T5 pretraining loss is {loss} in steps {logged_step + 1}..{step}; "
+                                     "lower config.text.pretrain.learning_rate.")
             now = time.perf_counter()
             rate = (step - clock_step) / max(now - clock_time, 1e-9)
             eta = f"{(num_steps - step) / rate:.0f} s" if rate > 0 else "?"

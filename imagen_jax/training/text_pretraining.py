@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 
 from imagen_jax.data import shapes
 from imagen_jax.data.pipeline import read_text_columns
-from imagen_jax.errors import ConfigError
+from imagen_jax.errors import ConfigError, InputFileNotFoundError
 from imagen_jax.parallel import distributed
 from imagen_jax.text import pretrain
 from imagen_jax.text.build import (
@@ -94,7 +94,7 @@ def _missing(path: epath.Path) -> bool:
 def _made_by_process_0(path: epath.Path, what: str) -> None:
     multihost_utils.sync_global_devices(what)
     if not path.exists():
-        raise FileNotFoundError(
+        raise InputFileNotFoundError(
             f"{path}: process 0 made the run's {what} but this process cannot see it; multi-host runs need "
             "a workdir on a filesystem every host shares."
         )
