@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from imagen_jax.errors import ConfigError
 from imagen_jax.text.tokenizers import (
     ByT5Tokenizer,
     SentencePieceT5Tokenizer,
@@ -81,7 +82,7 @@ def test_bad_input():
         tok([])
     with pytest.raises(FileNotFoundError, match="neither 'byte'"):
         make_tokenizer("/no/such/spiece.model", 8)
-    with pytest.raises(ValueError, match="max_length"):
+    with pytest.raises(ConfigError, match="max_length"):
         make_tokenizer("byte", 1)
 
 
@@ -104,7 +105,7 @@ def test_a_vocabulary_learned_from_captions(tmp_path):
     blue_q = ids["text_ids"][3][ids["text_mask"][3]].tolist()
     assert blue_q[0] == words[2] and 3 <= blue_q[1] < 259 and 2 not in blue_q
     assert "SentencePieceTokenizer(" in repr(tok) and tok.processor.pad_id() == 0
-    with pytest.raises(ValueError, match="vocab_size 270 cannot hold .* every distinct character"):
+    with pytest.raises(ConfigError, match="vocab_size 270 cannot hold .* every distinct character"):
         train_sentencepiece(texts, tmp_path / "c.model", vocab_size=270)
     with pytest.raises(FileNotFoundError, match="not found"):
         SentencePieceTokenizer(tmp_path / "missing.model")

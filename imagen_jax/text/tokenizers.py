@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from imagen_jax.errors import InputFileNotFoundError
+from imagen_jax.errors import ConfigError, InputFileNotFoundError
 
 PAD_ID = 0
 EOS_ID = 1
@@ -48,7 +48,7 @@ class Tokenizer(abc.ABC):
 
     def __init__(self, max_length: int):
         if int(max_length) < 2:
-            raise ValueError(f"max_length must be >= 2 (one token plus EOS), got {max_length}.")
+            raise ConfigError(f"max_length must be >= 2 (one token plus EOS), got {max_length}.")
         self.max_length = int(max_length)
 
     @abc.abstractmethod
@@ -93,7 +93,7 @@ class HFTokenizer(Tokenizer):
     def __init__(self, hf_tokenizer: Any, max_length: int, name: str = ""):
         super().__init__(max_length)
         if hf_tokenizer.pad_token_id != PAD_ID or hf_tokenizer.eos_token_id != EOS_ID:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer {name or type(hf_tokenizer).__name__} has pad id {hf_tokenizer.pad_token_id} and "
                 f"EOS id {hf_tokenizer.eos_token_id}; T5 encoders expect pad 0 and EOS 1."
             )
@@ -171,7 +171,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
         ids = [self.processor.pad_id(), self.processor.eos_id(), self.processor.unk_id()]
         if ids != [PAD_ID, EOS_ID, UNK_ID]:
-            raise ValueError(
+            raise ConfigError(
                 f"SentencePiece model {self.path} has pad, EOS and unknown ids {ids}; T5 encoders expect "
                 f"{[PAD_ID, EOS_ID, UNK_ID]}, as train_sentencepiece sets."
             )
@@ -222,7 +222,7 @@ def train_sentencepiece(
     except RuntimeError as e:
         if "smaller than required_chars" not in str(e):
             raise
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size {vocab_size} cannot hold pad, EOS, unknown, the 256 bytes and every distinct "
             f"character of the texts; raise it (sentencepiece: {str(e).split('] ')[-1]})"
         ) from None

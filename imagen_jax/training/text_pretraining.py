@@ -109,13 +109,16 @@ def _ensure_tokenizer(
         return
     if distributed.is_primary():
         start = time.perf_counter()
-        train_sentencepiece(
-            captions(),
-            path,
-            vocab_size=int(learned.vocab_size),
-            model_type=learned.model_type,
-            normalization=learned.normalization,
-        )
+        try:
+            train_sentencepiece(
+                captions(),
+                path,
+                vocab_size=int(learned.vocab_size),
+                model_type=learned.model_type,
+                normalization=learned.normalization,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"config.text.learned_tokenizer: {e}") from None
         log.info(
             "tokenizer: learned %d %s pieces (256 of them bytes) from %d captions in %.1f s, saved to %s",
             SentencePieceTokenizer(path).vocab_size, learned.model_type, len(captions()),
