@@ -219,7 +219,7 @@ def generate(
     sampler = s.sampler if sampler is None else sampler
     num_steps = int(s.num_steps if num_steps is None else num_steps)
     eta = float(s.eta if eta is None else eta)
-    if not 0.0 <= eta <= 1.0:  # past 1 the DDIM step's noise exceeds the posterior's: NaN images
+    if not 0.0 <= eta <= 1.0:  # past 1 a DDIM step adds more noise than the posterior has: speckle
         raise ConfigError(f"DDIM eta {eta}: use a value in [0, 1] (0 deterministic, 1 DDPM's variance).")
     options = sample_options(
         sampler=sampler,
