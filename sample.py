@@ -6,9 +6,10 @@ r"""Sample a PNG grid from a trained base stage, optionally through super-resolu
   python sample.py --workdir runs/shapes --sr_workdir runs/shapes_sr --sr_aug_level 0.1 \
       --prompt "a small blue square" --num 4 --out cascade.png
 
-Each prompt is drawn --num times (one grid row per prompt); the prompts are written beside the PNG. With
---sr_workdir (repeatable, in cascade order) each stage's grid and a side-by-side one are written too. The
---sr_* flags take one value per SR stage (comma-separated) or one for all; unset = each stage's config.
+Each prompt is drawn --num times (one grid row per prompt; eight prompts a row with --num 1); the
+prompts are written beside the PNG. With --sr_workdir (repeatable, in cascade order) each stage's grid
+and a side-by-side one are written too. The --sr_* flags take one value per SR stage (comma-separated)
+or one for all; unset = each stage's config.
 On many hosts (--distributed) every process runs the same command; the batch is split over all devices
 and process 0 writes the files. Mistakes end with one `error:` line (exit 1; 2 for the command line
 itself); --verbose shows the traceback.

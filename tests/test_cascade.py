@@ -123,6 +123,16 @@ def test_the_cascade_samples_text_to_base_to_sr_with_the_text_encoded_once(train
     for name in ("grid.png", "grid.txt", "grid.stage1_32px.png", "grid.stage2_64px.png", "grid.stages.png"):
         assert (tmp_path / name).is_file(), name
     assert png == str(out) and txt.endswith("grid.txt")
+    # One image per prompt (a DrawBench-style sheet): eight a row, not a one-column strip.
+    sheet, sheet_txt = sample_to_grid(
+        str(trained / "base"), prompts=[f"prompt {i}" for i in range(10)], prompts_file=None, num=1,
+        out=str(tmp_path / "sheet.png"), num_steps=2,
+    )
+    from PIL import Image
+
+    with Image.open(sheet) as img:  # 32x32 images, 2-pixel gaps, shown at 2x: 8 columns, 2 rows
+        assert img.size == ((8 * 34 + 2) * 2, (2 * 34 + 2) * 2)
+    assert open(sheet_txt).read().splitlines()[9] == "9\tprompt 9"
 
     cascade = Cascade.load([str(trained / "base"), str(trained / "sr")])
     outputs = cascade.sample(["a red circle"] * 2, rng=jax.random.PRNGKey(3), options=[{"num_steps": 2}] * 2)

@@ -47,6 +47,9 @@ def check_sample_options(options: Mapping[str, object]) -> None:
             raise UsageError(f"{flag} must be in [0, 1], got {value}.")
 
 
+_PROMPTS_PER_ROW = 8  # with --num 1
+
+
 def _beside(out: str, suffix: str) -> str:
     stem, ext = os.path.splitext(out)
     return f"{stem}.{suffix}{ext or '.png'}"
@@ -67,8 +70,9 @@ def sample_to_grid(
     **sample_options: object,
 ) -> tuple[str, str]:
     """Samples `num` images per prompt from the stage in `workdir`, then through the super-resolution
-    stages in `sr_workdirs` (each with its `sr_options`); one grid row per prompt. With SR stages, each
-    stage's grid is also written (`<out>.stage<k>_<res>px.png`) and a side-by-side comparison."""
+    stages in `sr_workdirs` (each with its `sr_options`); one grid row per prompt (eight prompts a row
+    when `num` is 1). With SR stages, each stage's grid is also written (`<out>.stage<k>_<res>px.png`)
+    and a side-by-side comparison."""
     if num < 1:
         raise UsageError(f"--num must be >= 1, got {num}.")
     image_format_of(out)  # an --out PIL cannot write fails now, not after sampling
@@ -95,13 +99,17 @@ def sample_to_grid(
     )
     final = outputs[-1]
     upscale = max(1, 64 // final.shape[1])  # small demo images are hard to see at 1:1
+    # A row per prompt; one image per prompt (a DrawBench sheet) would make a one-column strip instead.
+    columns = num if num > 1 else min(len(prompt_list), _PROMPTS_PER_ROW)
     if len(outputs) > 1:
         for index, images in enumerate(outputs):
             path = _beside(out, f"stage{index + 1}_{images.shape[1]}px")
-            save_grid(images, repeated, path, columns=num, upscale=max(1, final.shape[1] // images.shape[1]))
+            zoom = max(1, final.shape[1] // images.shape[1])
+            save_grid(images, repeated, path, columns=columns, upscale=zoom)
             print(f"wrote {path}")
         path = _beside(out, "stages")
         labels = [f"stage {k + 1}: {p}" for p in repeated for k in range(len(outputs))]
-        save_grid(side_by_side(outputs), labels, path, columns=len(outputs) * min(num, 4), upscale=upscale)
+        pairs = len(outputs) * min(columns, 4)
+        save_grid(side_by_side(outputs), labels, path, columns=pairs, upscale=upscale)
         print(f"wrote {path}")
-    return save_grid(final, repeated, out, columns=num, upscale=upscale)
+    return save_grid(final, repeated, out, columns=columns, upscale=upscale)
