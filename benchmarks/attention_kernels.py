@@ -20,10 +20,11 @@ import common  # also puts the project root on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from train_step import synthetic_batch
 
+from imagen_jax import cli
 from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
@@ -127,4 +128,4 @@ if __name__ == "__main__":
         "json", None, "Output JSON (default benchmarks/results/attention_kernels_<config>.json)."
     )
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, verbose=flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP))

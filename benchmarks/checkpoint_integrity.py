@@ -25,6 +25,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import checkpoint, integrity
@@ -170,4 +171,4 @@ if __name__ == "__main__":
         "json", None, "Output JSON (default: benchmarks/results/<kind>_<config>_<dtype>.json)."
     )
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, verbose=flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP))

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 
 import common
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.data.pipeline import make_loader, measure_throughput
 from imagen_jax.data.sources import build_source
 from imagen_jax.parallel import xla_options
@@ -79,4 +80,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("train_images_per_second", 0.0, "Training consumption rate to compare with.")
     flags.DEFINE_string("json", None, "Output JSON path.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, verbose=flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax import cli
 from imagen_jax.data import shapes
 from imagen_jax.diffusion import samplers, schedules
 from imagen_jax.evaluation.shapes_scorer import score_batch
@@ -126,7 +127,7 @@ def probe(stage: Stage, num: int, times: Sequence[float], starts: Sequence[float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", required=True, help="a shapes run's workdir")
@@ -145,4 +146,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

@@ -23,9 +23,10 @@ import time
 import common  # noqa: F401  (puts the project root on sys.path)
 import jax
 import optax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.diffusion import samplers
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.stage import sampling
@@ -157,4 +158,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("json", None, "Output JSON (default benchmarks/results/sampling_<config>.json).")
     flags.DEFINE_bool("compile_only", False, "Lower and compile the sampling program; run nothing.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, verbose=flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP))

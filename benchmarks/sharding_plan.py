@@ -47,9 +47,10 @@ import jax
 import ml_collections
 import numpy as np
 import train_step as train_step_bench
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
 from imagen_jax.training import state as state_lib
@@ -522,4 +523,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("device_memory_gib", 16.0, "Per-device memory the state is checked against.")
     flags.DEFINE_bool("state_only", False, "Only the state sizes from the shardings; no XLA compile.")
     flags.DEFINE_string("out", None, "Output JSON (default benchmarks/results/sharding_plan_<...>.json).")
-    app.run(main)
+    cli.run(main, verbose=flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP))

@@ -25,6 +25,7 @@ import common  # also puts the project root on sys.path
 import numpy as np
 
 from configs.shapes import get_config
+from imagen_jax import cli
 from imagen_jax.data import shapes
 from imagen_jax.stage.build import load_stage
 from imagen_jax.text import pretrain
@@ -95,7 +96,7 @@ def role_probe(encoder: TextEncoder, wording: str, num: int = 3000, seed: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", default=None, help="a trained run: probe its text encoder")
@@ -114,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

@@ -31,9 +31,10 @@ import time
 import common  # also puts the project root on sys.path
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import memory
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import build as stage_lib
@@ -307,4 +308,4 @@ if __name__ == "__main__":
         "Halve config.train.batch_size until XLA's plan of the step fits the device's memory (GPU/TPU).",
     )
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, verbose=flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP))

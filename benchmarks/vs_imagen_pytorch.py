@@ -26,8 +26,10 @@ import sys
 import common
 import sampling
 import train_step
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from imagen_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -191,4 +193,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("guidance", 3.0, "Guidance weight for both.")
     flags.DEFINE_string("json", None, "Output JSON path.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, verbose=flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP))
