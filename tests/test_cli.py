@@ -107,6 +107,14 @@ def test_train_mistakes_are_one_line(tmp_path, args, message, status):
     _assert_one_line_error(_train(tmp_path, *args), message, status)
 
 
+def test_joining_mistakes_are_one_line(tmp_path):
+    numbering = _train(tmp_path, "--num_processes=2", "--process_id=5")
+    _assert_one_line_error(numbering, "--process_id=5 must be >= 0 and < --num_processes=2", 1)
+    alone = _train(tmp_path, "--distributed")  # no coordinator in this environment
+    _assert_one_line_error(alone, "could not join the multi-process run (given: none): ", 1)
+    assert ".." not in alone.stderr.split("error: ", 1)[1]  # JAX's sentence and ours, one full stop
+
+
 def test_train_missing_or_broken_config_file(tmp_path):
     missing = _run("train.py", "--config", "configs/nope.py", "--workdir", str(tmp_path))
     _assert_one_line_error(missing, "--config=configs/nope.py: config file 'configs/nope.py' not found.", 2)

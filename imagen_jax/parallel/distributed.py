@@ -36,12 +36,18 @@ def initialize(
     # CPU collectives across processes (tests, CPU clusters); accelerators use their own (ICI, NCCL).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num_processes={num_processes}: a run has at least 1 process.")
+    if process_id is not None and (process_id < 0 or (num_processes and process_id >= num_processes)):
+        limit = f" and < --num_processes={num_processes}" if num_processes else ""
+        raise ConfigError(f"--process_id={process_id} must be >= 0{limit}: processes are numbered from 0.")
     try:
         jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
     except (RuntimeError, ValueError) as err:
         explicit = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None) or "none"
+        reason = str(err).splitlines()[0].rstrip(".")
         raise ConfigError(
-            f"could not join the multi-process run (given: {explicit}): {str(err).splitlines()[0]}. On a "
+            f"could not join the multi-process run (given: {explicit}): {reason}. On a "
             "Cloud TPU VM or under SLURM srun no values are needed; elsewhere give every process the same "
             "--coordinator_address=host:port and --num_processes, and each its own --process_id."
         ) from err
