@@ -181,6 +181,16 @@ _NULL_TEXTS = ("zero", "learned")
 _POSITIVE_INTS = ("channels", "cond_dim", "text_dim", "out_channels", "patch_size", "norm_groups")
 
 
+def check_channel_mults(mults: Sequence[int]) -> tuple[int, ...]:
+    """`model.channel_mults` as a tuple, if it is a non-empty sequence of ints >= 1 (one per level)."""
+    values = tuple(mults) if isinstance(mults, (tuple, list)) else ()
+    if not values or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in values):
+        raise ConfigError(
+            f"model.channel_mults={mults!r} must be a non-empty tuple of ints >= 1, e.g. (1, 2, 4)."
+        )
+    return values
+
+
 def _check_fields(unet: UNet) -> None:
     """The U-Net's fields (`config.model`'s keys) as far as they can be checked without tracing: one
     `ConfigError` naming the field and what it must be, instead of a shape error deep inside the trace."""
@@ -188,11 +198,7 @@ def _check_fields(unet: UNet) -> None:
         value = getattr(unet, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model.{name}={value!r} must be an int >= 1.")
-    mults = tuple(unet.channel_mults)
-    if not mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mults):
-        raise ConfigError(
-            f"model.channel_mults={mults!r} must be a non-empty tuple of ints >= 1, e.g. (1, 2, 4)."
-        )
+    mults = check_channel_mults(unet.channel_mults)
     for count in _per_level(unet.num_res_blocks, len(mults), "num_res_blocks"):
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ConfigError(

@@ -14,7 +14,7 @@ from imagen_jax.data.sources import check_stage_data
 from imagen_jax.diffusion import objectives, samplers, schedules
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.errors import ConfigError
-from imagen_jax.models.unet import COMPUTE_DTYPES, compute_dtype, unet_from_config
+from imagen_jax.models.unet import COMPUTE_DTYPES, check_channel_mults, compute_dtype, unet_from_config
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import xla_options
 from imagen_jax.text import pretrain
@@ -259,12 +259,7 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
 def _check_levels(model: ml_collections.ConfigDict) -> None:
     """Per-level settings must match model.channel_mults, so overriding the multipliers alone fails here
     (naming the keys to change with it) rather than inside the model."""
-    mults = model.channel_mults
-    if not _is_tuple_of(mults, int, nonempty=True) or any(m < 1 for m in mults):
-        raise ConfigError(
-            f"config.model.channel_mults={mults!r} must be a non-empty tuple of positive ints, e.g. "
-            '--config.model.channel_mults="(1, 2, 4)".'
-        )
+    mults = check_channel_mults(model.channel_mults)
     for key in ("num_res_blocks", "self_attention", "cross_attention"):
         value = model.get(key)
         if isinstance(value, (tuple, list)) and len(value) != len(mults):
