@@ -225,19 +225,57 @@ def test_sr_evaluation_measures_psnr_colour_shift_and_cascade_scores(trained, tm
     np.testing.assert_allclose(shapes_sr.psnr(noisy, truth), 10 * np.log10(255**2 * 192 / 256))
     brighter = np.clip(truth.astype(int) + [3, 0, -2], 0, 255).astype(np.uint8)
     np.testing.assert_allclose(shapes_sr.colour_shift(brighter, truth[:, :4, :4]), [[3, 0, -2]] * 2)
+    square = np.zeros((1, 16, 16, 3), np.uint8)
+    square[:, 4:12, 4:12] = 200
+    assert shapes_sr.edge_sharpness(square, square)[0] == pytest.approx(1.0)
+    blurred = (square.astype(int) + np.roll(square, 1, axis=1) + np.roll(square, 1, axis=2)) // 3
+    assert shapes_sr.edge_sharpness(blurred, square)[0] < 0.8
+    grainy = square.copy()
+    grainy[:, 0, ::2] = 30  # grain in the flat background, off the edges: not counted
+    assert shapes_sr.edge_sharpness(grainy, square)[0] == pytest.approx(1.0)
 
     sr = stage_lib.load_stage(str(trained / "sr"))
     base = stage_lib.load_stage(str(trained / "base"))
     result = shapes_sr.evaluate_super_resolution(
-        sr, num_scenes=8, batch_size=8, seed=0, out_dir=str(tmp_path)
+        sr, num_scenes=8, batch_size=8, seed=0, out_dir=str(tmp_path), compile_first=True
     )
     assert result["num_scenes"] == 8 and np.isfinite(result["psnr_gain_db"]["mean"])
+    assert len(result["psnr_gain_db_per_scene"]) == 8 and result["images_per_second"] > 0
+    assert result["edge_sharpness_bicubic"]["mean"] < 1
     assert (tmp_path / "sr_from_truth.png").is_file()
-    cascade = shapes_sr.evaluate_cascade(
-        base, sr, num_captions=8, batch_size=8, seed=0, out_dir=str(tmp_path)
-    )
+    base_samples = shapes_sr.sample_base(base, num_captions=8, batch_size=8, seed=0)
+    cascade = shapes_sr.evaluate_cascade(base_samples, sr, batch_size=8, seed=0, out_dir=str(tmp_path))
     assert cascade["base"]["overall"]["count"] == cascade["cascade"]["overall"]["count"] == 8
     assert (tmp_path / "cascade.png").is_file()
+
+
+def test_sr_evaluation_sweeps_samplers_and_steps_against_the_first(trained, tmp_path, capsys):
+    from imagen_jax.evaluation import shapes_sr
+
+    out = tmp_path / "sr_eval.json"
+    workdir = trained / "sr"
+    args = ["--workdir", str(workdir), "--base_workdir", str(trained / "base"), "--num", "4"]
+    shapes_sr.main([*args, "--sampler", "ddpm,dpmpp2m", "--steps", "3,2", "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["ddpm_3_uniform", "ddpm_2_uniform", "dpmpp2m_3_uniform", "dpmpp2m_2_uniform"]
+    for run in runs.values():
+        assert len(run["from_truth"]["psnr_gain_db_per_scene"]) == 4
+        assert run["cascade"]["cascade"]["overall"]["count"] == 4
+    # The same scenes in every row: the reference's paired difference with itself is exactly zero, and
+    # another sampler's is the mean of the per-scene differences.
+    first, other = runs["ddpm_3_uniform"]["from_truth"], runs["dpmpp2m_2_uniform"]["from_truth"]
+    assert shapes_sr.paired_difference(first, first) == {"mean": 0.0, "stderr": 0.0}
+    expected = np.mean(np.subtract(other["psnr_gain_db_per_scene"], first["psnr_gain_db_per_scene"]))
+    assert shapes_sr.paired_difference(other, first)["mean"] == pytest.approx(expected)
+    printed = capsys.readouterr().out
+    assert "| ddpm_3_uniform | " in printed and "| +0.00 ± 0.00 |" in printed
+    assert "| dpmpp2m_2_uniform | " in printed
+    assert (workdir / "eval" / "sr_from_truth_dpmpp2m_2_uniform.png").is_file()
+    assert (workdir / "eval" / "cascade_ddpm_3_uniform.png").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        shapes_sr.main([*args, "--steps", "10,0"])
+    assert exit_info.value.code == 2
+    assert "argument --steps" in capsys.readouterr().err
 
 
 def test_shapes_evaluation_scores_the_same_scenes_in_both_caption_sets(trained, tmp_path, capsys):

@@ -1,6 +1,8 @@
 r"""Score a shapes super-resolution stage, alone and in the cascade behind its base stage.
 
   python -m imagen_jax.evaluation.shapes_sr --workdir runs/shapes_sr --base_workdir runs/shapes [--num 128]
+  python -m imagen_jax.evaluation.shapes_sr --workdir runs/shapes_sr \
+      --sampler ddpm,dpmpp2m --steps 50,25,15,10         # sampler x steps sweep; the first is the reference
 
 On held-out (test split) scenes:
 - **Super-resolution from the truth:** the stage upsamples the exact low-res render of each scene (at
@@ -9,13 +11,20 @@ On held-out (test split) scenes:
   filter) against its input, per channel, in 8-bit levels.
 - **The cascade from text** (with --base_workdir): the base stage samples the captions, the SR stage
   upsamples those samples; the shapes scorer judges the base images and the final ones, column by column.
-Writes `<workdir>/eval/shapes_sr_eval.json` and PNG grids (input | bicubic | sample | truth; cascade
+Edge sharpness: the sample's luminance gradient at the truth's edges over the truth's (`edge_sharpness`;
+PSNR alone would prefer a blurred image). Each (sampler, steps) setting is scored on the same scenes and
+ends as one summary row: PSNR, its gain over bicubic, that gain against the first setting's scene by
+scene (the scenes' spread cancels), edge sharpness, colour shift and images/s (sampling alone: the
+program is compiled before the first timing, once for all settings). Writes
+`<workdir>/eval/shapes_sr_eval.json` and PNG grids per setting (input | bicubic | sample | truth; cascade
 stages side by side).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import time
@@ -59,9 +68,44 @@ def colour_shift(samples: np.ndarray, inputs: np.ndarray) -> np.ndarray:
     return back.mean(axis=(1, 2)) - inputs.astype(np.float64).mean(axis=(1, 2))
 
 
+def _gradient_magnitude(images: np.ndarray) -> np.ndarray:
+    """|grad| of the images' luminance (mean of RGB) by forward differences, [N, H-1, W-1]."""
+    lum = images.astype(np.float64).mean(axis=-1)
+    return np.hypot(lum[:, 1:, :-1] - lum[:, :-1, :-1], lum[:, :-1, 1:] - lum[:, :-1, :-1])
+
+
+def edge_sharpness(images: np.ndarray, references: np.ndarray, threshold: float = 32.0) -> np.ndarray:
+    """Per image: the mean gradient magnitude of `images` at the edges of `references` (pixels where the
+    reference's exceeds `threshold` 8-bit levels) over the reference's own there. 1 = edges as steep as
+    the truth's; blur lowers it, and so does an edge drawn in the wrong place. Flat areas do not count,
+    so grain there cannot raise it. PSNR rewards blur; this does not."""
+    sample, truth = _gradient_magnitude(images), _gradient_magnitude(references)
+    edges = truth > threshold
+    return (sample * edges).sum(axis=(1, 2)) / np.maximum((truth * edges).sum(axis=(1, 2)), 1e-9)
+
+
 def _stats(values: np.ndarray) -> dict[str, float]:
     values = np.asarray(values, np.float64)
     return {"mean": float(values.mean()), "stderr": float(values.std(ddof=1) / np.sqrt(len(values)))}
+
+
+def compile_sampler(
+    stage: Stage, prompts: Sequence[str], lowres: np.ndarray | None, batch_size: int, **sample_options: Any
+) -> None:
+    """Compiles (or loads) the stage's sampling program for this batch size with a 1-step call on the
+    first batch, so the timings that follow are sampling alone. The program takes the sampler, the step
+    count, the time grid, thresholding and guidance as inputs: one compile serves a whole sweep."""
+    count = min(batch_size, len(prompts))
+    options = {k: v for k, v in sample_options.items() if k != "num_steps"}
+    generate(
+        stage,
+        list(prompts[:count]),
+        rng=jax.random.PRNGKey(0),
+        lowres=None if lowres is None else lowres[:count],
+        batch_size=count,
+        num_steps=1,
+        **options,
+    )
 
 
 def evaluate_super_resolution(
@@ -72,15 +116,21 @@ def evaluate_super_resolution(
     seed: int,
     aug_level: float = 0.0,
     out_dir: str | None = None,
+    grid_name: str = "sr_from_truth.png",
+    compile_first: bool = False,
     **sample_options: Any,
 ) -> dict[str, Any]:
-    """The stage's samples from exact low-res renders of `num_scenes` held-out scenes against the truth."""
+    """The stage's samples from exact low-res renders of `num_scenes` held-out scenes against the truth.
+    Per-scene PSNR gains are kept, so two settings compare scene by scene (`paired_difference`).
+    `compile_first`: compile the sampling program before the timed sampling (`compile_sampler`)."""
     pairs = eval_set(
         num_scenes, seed=stage.config.data.seed, split="test", p_two=stage.config.eval.two_object_prob
     )
     captions = [caption for caption, _ in pairs]
     low = np.stack([render(scene, stage.lowres_resolution) for _, scene in pairs])
     truth = np.stack([render(scene, stage.resolution) for _, scene in pairs])
+    if compile_first:
+        compile_sampler(stage, captions, low, batch_size, aug_level=aug_level, **sample_options)
     t0 = time.perf_counter()
     samples = generate(
         stage,
@@ -95,18 +145,23 @@ def evaluate_super_resolution(
     bicubic = upsample_bicubic(low, stage.resolution)
     gain = psnr(samples, truth) - psnr(bicubic, truth)
     shift = colour_shift(samples, low)
+    sharpness = edge_sharpness(samples, truth)
     result = {
         "num_scenes": num_scenes,
         "aug_level": aug_level,
         "psnr_sample_db": _stats(psnr(samples, truth)),
         "psnr_bicubic_db": _stats(psnr(bicubic, truth)),
         "psnr_gain_db": _stats(gain),
+        "psnr_gain_db_per_scene": [round(float(v), 4) for v in gain],
+        "edge_sharpness": _stats(sharpness),
+        "edge_sharpness_bicubic": _stats(edge_sharpness(bicubic, truth)),
         "colour_shift_levels": {
             "mean_abs": _stats(np.abs(shift).mean(axis=1)),
             "per_channel_mean": [float(v) for v in shift.mean(axis=0)],
             "max_abs": float(np.abs(shift).max()),
         },
         "sampling_seconds": seconds,
+        "images_per_second": num_scenes / seconds,
     }
     if out_dir:
         count = min(8, num_scenes)
@@ -114,50 +169,112 @@ def evaluate_super_resolution(
         labels = [
             f"{kind}: {c}" for c in captions[:count] for kind in ("input", "bicubic", "sample", "truth")
         ]
-        save_grid(side_by_side(columns), labels, os.path.join(out_dir, "sr_from_truth.png"), columns=8)
+        save_grid(side_by_side(columns), labels, os.path.join(out_dir, grid_name), columns=8)
     return result
 
 
+def paired_difference(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+    """Mean and standard error of `result`'s PSNR gain minus `reference`'s, scene by scene (both from
+    `evaluate_super_resolution` on the same scenes): how much a setting moves PSNR, without the spread
+    between scenes."""
+    a, b = (np.asarray(r["psnr_gain_db_per_scene"], np.float64) for r in (result, reference))
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference needs the same scenes: {a.shape[0]} against {b.shape[0]}.")
+    return _stats(a - b) if len(a) > 1 else {"mean": float((a - b).mean()), "stderr": float("nan")}
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSamples:
+    """The base stage's samples of held-out captions, made once and upsampled by each SR setting."""
+
+    captions: list[str]
+    scenes: list[Any]
+    images: np.ndarray
+    seconds: float
+
+
+def sample_base(base: Stage, *, num_captions: int, batch_size: int, seed: int) -> BaseSamples:
+    """The base stage's samples (at its config's sampling settings) of `num_captions` held-out captions."""
+    pairs = eval_set(
+        num_captions, seed=base.config.data.seed, split="test", p_two=base.config.eval.two_object_prob
+    )
+    captions = [caption for caption, _ in pairs]
+    t0 = time.perf_counter()
+    images = generate(base, captions, rng=jax.random.PRNGKey(seed), batch_size=batch_size)
+    return BaseSamples(captions, [scene for _, scene in pairs], images, time.perf_counter() - t0)
+
+
 def evaluate_cascade(
-    base: Stage,
+    base: BaseSamples,
     sr: Stage,
     *,
-    num_captions: int,
     batch_size: int,
     seed: int,
     aug_level: float | None = None,
     out_dir: str | None = None,
+    grid_name: str = "cascade.png",
     **sr_options: Any,
 ) -> dict[str, Any]:
     """Shapes scores of the base stage's samples and of the SR stage's upsampling of them (same captions)."""
-    p_two = base.config.eval.two_object_prob
-    pairs = eval_set(num_captions, seed=base.config.data.seed, split="test", p_two=p_two)
-    captions = [caption for caption, _ in pairs]
-    scenes = [scene for _, scene in pairs]
-    rng = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
-    low = generate(base, captions, rng=rng, batch_size=batch_size)
     final = generate(
         sr,
-        captions,
-        rng=jax.random.fold_in(rng, 1),
-        lowres=low,
+        base.captions,
+        rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+        lowres=base.images,
         aug_level=aug_level,
         batch_size=batch_size,
         **sr_options,
     )
-    seconds = time.perf_counter() - t0
-    tables = {"base": score_batch(low, scenes), "cascade": score_batch(final, scenes)}
+    sr_seconds = time.perf_counter() - t0
+    tables = {"base": score_batch(base.images, base.scenes), "cascade": score_batch(final, base.scenes)}
     if out_dir:
-        count = min(16, num_captions)
-        labels = [f"stage {k + 1}: {c}" for c in captions[:count] for k in range(2)]
+        count = min(16, len(base.captions))
+        labels = [f"stage {k + 1}: {c}" for c in base.captions[:count] for k in range(2)]
         save_grid(
-            side_by_side([low[:count], final[:count]]),
+            side_by_side([base.images[:count], final[:count]]),
             labels,
-            os.path.join(out_dir, "cascade.png"),
+            os.path.join(out_dir, grid_name),
             columns=8,
         )
-    return {**tables, "num_captions": num_captions, "sampling_seconds": seconds}
+    return {
+        **tables,
+        "num_captions": len(base.captions),
+        "base_seconds": base.seconds,
+        "sr_seconds": sr_seconds,
+        "sr_images_per_second": len(base.captions) / sr_seconds,
+    }
+
+
+def summary_table(runs: dict[str, dict[str, Any]]) -> str:
+    """One Markdown row per SR setting: PSNR, its gain over bicubic, that gain against the first run's
+    scene by scene, edge sharpness, colour shift and images/s (and the cascade's two-object score with a
+    base stage)."""
+    head = ["run", "PSNR (dB)", "gain over bicubic (dB)", "gain minus the first run's (dB, paired)"]
+    head += ["edge sharpness (truth 1)", "mean abs colour shift (levels)", "images/s"]
+    with_cascade = all("cascade" in run for run in runs.values())
+    if with_cascade:
+        head += ["cascade: 2-obj all correct", "base: 2-obj all correct"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reference = next(iter(runs.values()))["from_truth"]
+    for name, run in runs.items():
+        t = run["from_truth"]
+        diff = paired_difference(t, reference)
+        cells = [
+            name,
+            f"{t['psnr_sample_db']['mean']:.2f}",
+            f"{t['psnr_gain_db']['mean']:+.2f} ± {t['psnr_gain_db']['stderr']:.2f}",
+            f"{diff['mean']:+.2f} ± {diff['stderr']:.2f}",
+            f"{t['edge_sharpness']['mean']:.3f} (bicubic {t['edge_sharpness_bicubic']['mean']:.3f})",
+            f"{t['colour_shift_levels']['mean_abs']['mean']:.2f}",
+            f"{t['images_per_second']:.2f}",
+        ]
+        if with_cascade:
+            for stage in ("cascade", "base"):
+                two = run["cascade"][stage]["two_objects"]
+                cells.append("-" if two["all_correct"] is None else f"{100 * two['all_correct']:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -175,55 +292,88 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--aug_level",
         type=cli.number(float, minimum=0.0, maximum=1.0),
         default=0.0,
-        help="SR input augmentation level in [0, 1] (from truth)",
+        help="noise-augmentation level of the true low-res inputs (the cascade uses config.sample's)",
     )
     parser.add_argument(
-        "--sampler", choices=samplers.SAMPLERS, help="SR sampler (default: the stage's config)"
+        "--sampler",
+        type=cli.comma_separated(str, choices=samplers.SAMPLERS),
+        help="comma-separated SR samplers (default: the stage's config)",
     )
     parser.add_argument(
-        "--steps", type=cli.number(int, minimum=1), help="SR sampling steps (default: config)"
+        "--steps",
+        type=cli.comma_separated(int, minimum=1),
+        help="comma-separated SR step counts (default: config)",
     )
+    parser.add_argument("--time_grid", choices=samplers.TIME_GRIDS, help="SR time grid (default: config)")
     parser.add_argument("--threshold", choices=THRESHOLD_KINDS, help="SR thresholding (default: config)")
+    parser.add_argument(
+        "--step", type=cli.number(int, minimum=0), help="SR checkpoint step (default: latest)"
+    )
+    parser.add_argument("--out", default=None, help="JSON path (default: <workdir>/eval/shapes_sr_eval.json)")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    options = {"sampler": args.sampler, "num_steps": args.steps, "threshold": args.threshold}
-    sr = load_stage(args.workdir)
+    sr = load_stage(args.workdir, step=args.step)
     ev = sr.config.eval
     num = args.num or ev.num_captions
     out_dir = os.path.join(args.workdir, "eval")
-    results: dict[str, Any] = {
-        "from_truth": evaluate_super_resolution(
+    settings = [
+        {"sampler": sampler, "num_steps": steps, "time_grid": args.time_grid, "threshold": args.threshold}
+        for sampler, steps in itertools.product(
+            args.sampler or [sr.config.sample.sampler], args.steps or [int(sr.config.sample.num_steps)]
+        )
+    ]
+    base = None
+    if args.base_workdir:
+        print(f"sampling {num} held-out captions with the base stage...", flush=True)
+        base = sample_base(
+            load_stage(args.base_workdir), num_captions=num, batch_size=ev.batch_size, seed=ev.seed
+        )
+    runs: dict[str, dict[str, Any]] = {}
+    for options in settings:
+        grid = options["time_grid"] or sr.config.sample.time_grid
+        name = f"{options['sampler']}_{options['num_steps']}_{grid}"
+        print(f"\n##### SR {name}: from the true renders, {num} scenes", flush=True)
+        t = evaluate_super_resolution(
             sr,
             num_scenes=num,
             batch_size=ev.batch_size,
             seed=ev.seed,
             aug_level=args.aug_level,
             out_dir=out_dir,
+            grid_name=f"sr_from_truth_{name}.png",
+            compile_first=not runs,  # the timings are sampling alone
             **options,
         )
-    }
-    t = results["from_truth"]
-    print(
-        f"\n== SR from the true {sr.lowres_resolution}px renders ({num} scenes, "
-        f"aug level {args.aug_level:g}) ==\n"
-        f"PSNR sample {t['psnr_sample_db']['mean']:.2f} dB, bicubic {t['psnr_bicubic_db']['mean']:.2f} dB, "
-        f"gain {t['psnr_gain_db']['mean']:+.2f} +- {t['psnr_gain_db']['stderr']:.2f} dB\n"
-        f"colour shift (8-bit levels): mean |shift| {t['colour_shift_levels']['mean_abs']['mean']:.2f}, "
-        f"per channel {[round(v, 2) for v in t['colour_shift_levels']['per_channel_mean']]}, "
-        f"max {t['colour_shift_levels']['max_abs']:.2f}"
-    )
-    if args.base_workdir:
-        base = load_stage(args.base_workdir)
-        results["cascade"] = evaluate_cascade(
-            base, sr, num_captions=num, batch_size=ev.batch_size, seed=ev.seed, out_dir=out_dir, **options
+        runs[name] = {"from_truth": t}
+        print(
+            f"== SR from the true {sr.lowres_resolution}px renders ({num} scenes, "
+            f"aug level {args.aug_level:g}, {t['images_per_second']:.2f} images/s) ==\n"
+            f"PSNR sample {t['psnr_sample_db']['mean']:.2f} dB, "
+            f"bicubic {t['psnr_bicubic_db']['mean']:.2f} dB, "
+            f"gain {t['psnr_gain_db']['mean']:+.2f} +- {t['psnr_gain_db']['stderr']:.2f} dB\n"
+            f"colour shift (8-bit levels): mean |shift| {t['colour_shift_levels']['mean_abs']['mean']:.2f}, "
+            f"per channel {[round(v, 2) for v in t['colour_shift_levels']['per_channel_mean']]}, "
+            f"max {t['colour_shift_levels']['max_abs']:.2f}",
+            flush=True,
         )
-        for name in ("base", "cascade"):
-            print(f"\n== {name} ({num} captions) ==\n{format_table(results['cascade'][name])}")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "shapes_sr_eval.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {path}")
+        if base is not None:
+            runs[name]["cascade"] = cascade = evaluate_cascade(
+                base,
+                sr,
+                batch_size=ev.batch_size,
+                seed=ev.seed,
+                out_dir=out_dir,
+                grid_name=f"cascade_{name}.png",
+                **options,
+            )
+            for stage in ("base", "cascade"):
+                print(f"\n== {stage} ({num} captions) ==\n{format_table(cascade[stage])}", flush=True)
+    print("\n" + summary_table(runs))
+    out = args.out or os.path.join(out_dir, "shapes_sr_eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"settings": {"aug_level": args.aug_level, "step": sr.step}, "runs": runs}, f, indent=2)
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
