@@ -269,7 +269,7 @@ def test_sr_evaluation_sweeps_samplers_and_steps_against_the_first(trained, tmp_
     assert shapes_sr.paired_difference(other, first)["mean"] == pytest.approx(expected)
     printed = capsys.readouterr().out
     assert "| ddpm_3_uniform | " in printed and "| +0.00 ± 0.00 |" in printed
-    assert "| dpmpp2m_2_uniform | " in printed
+    assert "| dpmpp2m_2_uniform | " in printed and "edge sharpness" in printed
     assert (workdir / "eval" / "sr_from_truth_dpmpp2m_2_uniform.png").is_file()
     assert (workdir / "eval" / "cascade_ddpm_3_uniform.png").is_file()
     with pytest.raises(SystemExit) as exit_info:

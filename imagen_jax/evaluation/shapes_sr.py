@@ -350,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"aug level {args.aug_level:g}, {t['images_per_second']:.2f} images/s) ==\n"
             f"PSNR sample {t['psnr_sample_db']['mean']:.2f} dB, "
             f"bicubic {t['psnr_bicubic_db']['mean']:.2f} dB, "
-            f"gain {t['psnr_gain_db']['mean']:+.2f} +- {t['psnr_gain_db']['stderr']:.2f} dB\n"
+            f"gain {t['psnr_gain_db']['mean']:+.2f} +- {t['psnr_gain_db']['stderr']:.2f} dB; "
+            f"edge sharpness {t['edge_sharpness']['mean']:.3f} (truth 1, bicubic "
+            f"{t['edge_sharpness_bicubic']['mean']:.3f})\n"
             f"colour shift (8-bit levels): mean |shift| {t['colour_shift_levels']['mean_abs']['mean']:.2f}, "
             f"per channel {[round(v, 2) for v in t['colour_shift_levels']['per_channel_mean']]}, "
             f"max {t['colour_shift_levels']['max_abs']:.2f}",
@@ -372,7 +374,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or os.path.join(out_dir, "shapes_sr_eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"settings": {"aug_level": args.aug_level, "step": sr.step}, "runs": runs}, f, indent=2)
+        settings_used = {
+            "aug_level": args.aug_level,
+            "threshold": args.threshold or sr.config.sample.threshold,
+            "step": sr.step,
+        }
+        json.dump({"settings": settings_used, "runs": runs}, f, indent=2)
     print(f"\nwrote {out}")
 
 
