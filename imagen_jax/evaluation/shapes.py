@@ -27,9 +27,8 @@ import ml_collections
 
 from imagen_jax import cli
 from imagen_jax.data.shapes import WORDINGS, eval_set
-from imagen_jax.diffusion import samplers
-from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
+from imagen_jax.evaluation.sweep import add_sweep_arguments, sweep_settings
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import save_grid
 from imagen_jax.stage.sampling import generate
@@ -104,18 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--num", type=cli.number(int, minimum=1), help="held-out captions (default: config.eval)"
     )
-    parser.add_argument(
-        "--sampler",
-        type=cli.comma_separated(str, choices=samplers.SAMPLERS),
-        help="comma-separated samplers (default: config.sample)",
-    )
-    parser.add_argument(
-        "--steps",
-        type=cli.comma_separated(int, minimum=1),
-        help="comma-separated step counts (default: config.sample)",
-    )
-    parser.add_argument("--time_grid", choices=samplers.TIME_GRIDS, help="default: config.sample")
-    parser.add_argument("--threshold", choices=THRESHOLD_KINDS, help="default: config.sample")
+    add_sweep_arguments(parser)
     parser.add_argument(
         "--wordings",
         type=cli.comma_separated(str, choices=WORDINGS),
@@ -130,12 +118,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     weights = args.guidance or list(ev.guidance_weights)
     if not args.guidance and stage.config.sample.guidance not in weights:
         weights.append(float(stage.config.sample.guidance))
-    samplers_run = args.sampler or [stage.config.sample.sampler]
-    steps = args.steps or [int(stage.config.sample.num_steps)]
     wordings = args.wordings or list(ev.get("wordings", WORDINGS))
     out_dir = os.path.join(args.workdir, "eval")
     results = {}
-    for sampler, num_steps, wording in itertools.product(samplers_run, steps, wordings):
+    settings = sweep_settings(args, stage.config.sample)
+    for options, wording in itertools.product(settings, wordings):
+        sampler, num_steps = options["sampler"], options["num_steps"]
         print(f"\n##### {sampler}, {num_steps} steps, {wording} captions", flush=True)
         results[f"{sampler}_{num_steps}_{wording}"] = evaluate_shapes(
             stage,
@@ -144,11 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=ev.batch_size,
             seed=ev.seed,
             out_dir=out_dir,
-            sampler=sampler,
-            num_steps=num_steps,
-            time_grid=args.time_grid,
-            threshold=args.threshold,
             wording=wording,
+            **options,
         )
     print("\n" + summary_table(results))
     out = args.out or os.path.join(out_dir, "shapes_eval.json")
@@ -157,8 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         json.dump(
             {
                 "settings": {
-                    "time_grid": args.time_grid or stage.config.sample.time_grid,
-                    "threshold": args.threshold or stage.config.sample.threshold,
+                    "time_grid": settings[0]["time_grid"],
+                    "threshold": settings[0]["threshold"],
                     "step": stage.step,
                 },
                 "runs": results,

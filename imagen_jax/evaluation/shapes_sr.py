@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import time
@@ -38,9 +37,8 @@ from PIL import Image
 from imagen_jax import cli
 from imagen_jax.data.resample import downsample
 from imagen_jax.data.shapes import eval_set, render
-from imagen_jax.diffusion import samplers
-from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
+from imagen_jax.evaluation.sweep import add_sweep_arguments, sweep_settings
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import save_grid, side_by_side
 from imagen_jax.stage.sampling import generate
@@ -294,18 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=0.0,
         help="noise-augmentation level of the true low-res inputs (the cascade uses config.sample's)",
     )
-    parser.add_argument(
-        "--sampler",
-        type=cli.comma_separated(str, choices=samplers.SAMPLERS),
-        help="comma-separated SR samplers (default: the stage's config)",
-    )
-    parser.add_argument(
-        "--steps",
-        type=cli.comma_separated(int, minimum=1),
-        help="comma-separated SR step counts (default: config)",
-    )
-    parser.add_argument("--time_grid", choices=samplers.TIME_GRIDS, help="SR time grid (default: config)")
-    parser.add_argument("--threshold", choices=THRESHOLD_KINDS, help="SR thresholding (default: config)")
+    add_sweep_arguments(parser)  # of the SR stage's sampling
     parser.add_argument(
         "--step", type=cli.number(int, minimum=0), help="SR checkpoint step (default: latest)"
     )
@@ -316,12 +303,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ev = sr.config.eval
     num = args.num or ev.num_captions
     out_dir = os.path.join(args.workdir, "eval")
-    settings = [
-        {"sampler": sampler, "num_steps": steps, "time_grid": args.time_grid, "threshold": args.threshold}
-        for sampler, steps in itertools.product(
-            args.sampler or [sr.config.sample.sampler], args.steps or [int(sr.config.sample.num_steps)]
-        )
-    ]
     base = None
     if args.base_workdir:
         print(f"sampling {num} held-out captions with the base stage...", flush=True)
@@ -329,9 +310,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             load_stage(args.base_workdir), num_captions=num, batch_size=ev.batch_size, seed=ev.seed
         )
     runs: dict[str, dict[str, Any]] = {}
+    settings = sweep_settings(args, sr.config.sample)
     for options in settings:
-        grid = options["time_grid"] or sr.config.sample.time_grid
-        name = f"{options['sampler']}_{options['num_steps']}_{grid}"
+        name = f"{options['sampler']}_{options['num_steps']}_{options['time_grid']}"
         print(f"\n##### SR {name}: from the true renders, {num} scenes", flush=True)
         t = evaluate_super_resolution(
             sr,
@@ -376,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with open(out, "w") as f:
         settings_used = {
             "aug_level": args.aug_level,
-            "threshold": args.threshold or sr.config.sample.threshold,
+            "threshold": settings[0]["threshold"],
             "step": sr.step,
         }
         json.dump({"settings": settings_used, "runs": runs}, f, indent=2)
