@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.models.group_norm import GroupNorm
 from imagen_jax.parallel import axes
 from imagen_jax.parallel import mesh as mesh_lib
 
@@ -92,16 +93,9 @@ def conv(
     )
 
 
-def group_norm(groups: int, channels: int, *, name: str, param_dtype: Dtype) -> nn.GroupNorm:
+def group_norm(groups: int, *, name: str, param_dtype: Dtype) -> GroupNorm:
     # Statistics in float32 whatever the compute dtype: bf16 variance over large maps is too coarse.
-    return nn.GroupNorm(
-        num_groups=math.gcd(groups, channels),
-        name=name,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        scale_init=_init(nn.initializers.ones, (axes.NORM,)),
-        bias_init=_init(nn.initializers.zeros, (axes.NORM,)),
-    )
+    return GroupNorm(num_groups=groups, name=name, param_dtype=param_dtype)
 
 
 def layer_norm(*, name: str, param_dtype: Dtype) -> nn.LayerNorm:
@@ -134,17 +128,17 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(group_norm(self.norm_groups, x.shape[-1], name="norm1", param_dtype=self.param_dtype)(x))
-        h = conv(self.channels, name="conv1", **kw)(h.astype(self.dtype))
+        norm = lambda name: group_norm(self.norm_groups, name=name, param_dtype=self.param_dtype)  # noqa: E731
+        h = norm("norm1")(x, silu=True, dtype=self.dtype)
+        h = conv(self.channels, name="conv1", **kw)(h)
         film = dense(2 * self.channels, name="film", in_axis=axes.EMBED, out_axis=axes.CONV_OUT, **kw)(
             nn.silu(cond)
         )
-        scale, shift = jnp.split(film[:, None, None, :].astype(jnp.float32), 2, axis=-1)
-        h = group_norm(self.norm_groups, self.channels, name="norm2", param_dtype=self.param_dtype)(h)
-        h = nn.silu(h * (1.0 + scale) + shift)
+        scale, shift = jnp.split(film.astype(jnp.float32), 2, axis=-1)
+        h = norm("norm2")(h, (scale, shift), silu=True, dtype=self.dtype)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Zero-initialised last conv: every block starts as the identity, which keeps deep nets stable.
-        h = conv(self.channels, name="conv2", zero=True, **kw)(h.astype(self.dtype))
+        h = conv(self.channels, name="conv2", zero=True, **kw)(h)
         if x.shape[-1] != self.channels:
             x = conv(self.channels, kernel=1, name="skip", **kw)(x.astype(self.dtype))
         return (x + h).astype(self.dtype)
@@ -190,8 +184,8 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hh, ww, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = group_norm(self.norm_groups, c, name="norm", param_dtype=self.param_dtype)(x)
-        h = h.reshape(b, hh * ww, c).astype(self.dtype)
+        h = group_norm(self.norm_groups, name="norm", param_dtype=self.param_dtype)(x, dtype=self.dtype)
+        h = h.reshape(b, hh * ww, c)
         q = _heads_proj(self.num_heads, self.head_dim, name="query", **kw)(h)
         k = _heads_proj(self.num_heads, self.head_dim, name="key", **kw)(h)
         v = _heads_proj(self.num_heads, self.head_dim, name="value", **kw)(h)

@@ -530,10 +530,10 @@ class UNet(nn.Module):
                 out_width = widths[level - 1] if self.efficient else widths[level]
                 h = layers.Upsample(out_width, name=f"up{level}_sample", **kw)(h)
 
-        h = nn.silu(
-            layers.group_norm(self.norm_groups, h.shape[-1], name="norm_out", param_dtype=self.param_dtype)(h)
+        h = layers.group_norm(self.norm_groups, name="norm_out", param_dtype=self.param_dtype)(
+            h, silu=True, dtype=self.dtype
         )
-        out = layers.conv(self.out_channels * p * p, name="conv_out", zero=True, **kw)(h.astype(self.dtype))
+        out = layers.conv(self.out_channels * p * p, name="conv_out", zero=True, **kw)(h)
         if p > 1:
             b, hh, ww, _ = out.shape
             out = out.reshape(b, hh, ww, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh * p, ww * p, -1)
