@@ -38,7 +38,7 @@ from imagen_jax import cli
 from imagen_jax.data.resample import downsample
 from imagen_jax.data.shapes import eval_set, render
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
-from imagen_jax.evaluation.sweep import add_sweep_arguments, sweep_settings
+from imagen_jax.evaluation.sweep import add_sweep_arguments, compile_sampler, sweep_settings
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import save_grid, side_by_side
 from imagen_jax.stage.sampling import generate
@@ -85,25 +85,6 @@ def edge_sharpness(images: np.ndarray, references: np.ndarray, threshold: float 
 def _stats(values: np.ndarray) -> dict[str, float]:
     values = np.asarray(values, np.float64)
     return {"mean": float(values.mean()), "stderr": float(values.std(ddof=1) / np.sqrt(len(values)))}
-
-
-def compile_sampler(
-    stage: Stage, prompts: Sequence[str], lowres: np.ndarray | None, batch_size: int, **sample_options: Any
-) -> None:
-    """Compiles (or loads) the stage's sampling program for this batch size with a 1-step call on the
-    first batch, so the timings that follow are sampling alone. The program takes the sampler, the step
-    count, the time grid, thresholding and guidance as inputs: one compile serves a whole sweep."""
-    count = min(batch_size, len(prompts))
-    options = {k: v for k, v in sample_options.items() if k != "num_steps"}
-    generate(
-        stage,
-        list(prompts[:count]),
-        rng=jax.random.PRNGKey(0),
-        lowres=None if lowres is None else lowres[:count],
-        batch_size=count,
-        num_steps=1,
-        **options,
-    )
 
 
 def evaluate_super_resolution(

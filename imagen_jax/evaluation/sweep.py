@@ -1,17 +1,23 @@
-"""The sampling-sweep flags the evaluation commands share: samplers x step counts, with one time grid and
-one thresholding, each defaulting to the stage's `config.sample`."""
+"""What the evaluation commands' sampling sweeps share: the flags (samplers x step counts, with one time grid
+and one thresholding, each defaulting to the stage's `config.sample`) and the compile before the first
+timing."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from imagen_jax import cli
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
+from imagen_jax.stage.build import Stage
+from imagen_jax.stage.sampling import generate
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,3 +50,22 @@ def sweep_settings(args: argparse.Namespace, sample: ml_collections.ConfigDict) 
             args.sampler or [sample.sampler], args.steps or [int(sample.num_steps)]
         )
     ]
+
+
+def compile_sampler(
+    stage: Stage, prompts: Sequence[str], lowres: np.ndarray | None, batch_size: int, **sample_options: Any
+) -> None:
+    """Compiles (or loads) the stage's sampling program for batches of `batch_size` with a 1-step call on
+    the first batch, so the timings that follow are sampling alone. `generate` pads every batch to
+    `batch_size`, and so does this call. The program takes the sampler, the step count, the time grid,
+    thresholding and guidance as inputs: one compile serves a whole sweep."""
+    options = {k: v for k, v in sample_options.items() if k != "num_steps"}
+    generate(
+        stage,
+        list(prompts[:batch_size]),
+        rng=jax.random.PRNGKey(0),
+        lowres=None if lowres is None else lowres[:batch_size],
+        batch_size=batch_size,
+        num_steps=1,
+        **options,
+    )

@@ -65,8 +65,8 @@ def group_norm_act(
     silu: bool,
     out_dtype: Dtype,
 ) -> jax.Array:
-    """SiLU?((GroupNorm(x) * gamma + beta) * (1 + film scale) + film shift) for x [B, ..., C], in float32,
-    returned as `out_dtype`."""
+    """GroupNorm(x) * gamma + beta, then FiLM (y * (1 + scale) + shift) if `film` is given and SiLU if
+    `silu`, for x [B, ..., C]; computed in float32 and returned as `out_dtype`."""
     mean, rstd = _statistics(x, groups)
     a, b = _affine(gamma, beta, film)
     z = (x.astype(jnp.float32) - _per_channel(mean, x.ndim)) * _per_channel(rstd * a, x.ndim)
@@ -74,11 +74,19 @@ def group_norm_act(
     return (jax.nn.silu(z) if silu else z).astype(out_dtype)
 
 
-def _forward(x, gamma, beta, film, groups, silu, out_dtype):  # noqa: ANN001, ANN202 (custom_vjp's rule)
+def _forward(
+    x: jax.Array,
+    gamma: jax.Array,
+    beta: jax.Array,
+    film: Film | None,
+    groups: int,
+    silu: bool,
+    out_dtype: Dtype,
+) -> tuple[jax.Array, tuple]:
     return group_norm_act(x, gamma, beta, film, groups, silu, out_dtype), (x, gamma, beta, film)
 
 
-def _backward(groups, silu, out_dtype, residuals, grad):  # noqa: ANN001, ANN202
+def _backward(groups: int, silu: bool, out_dtype: Dtype, residuals: tuple, grad: jax.Array) -> tuple:
     del out_dtype
     x, gamma, beta, film = residuals
     mean, rstd = _statistics(x, groups)
