@@ -75,18 +75,14 @@ def group_norm_act(
 
 
 def _forward(
-    x: jax.Array,
-    gamma: jax.Array,
-    beta: jax.Array,
-    film: Film | None,
-    groups: int,
-    silu: bool,
-    out_dtype: Dtype,
+    x: jax.Array, gamma: jax.Array, beta: jax.Array, film: Film | None, *static: Any
 ) -> tuple[jax.Array, tuple]:
-    return group_norm_act(x, gamma, beta, film, groups, silu, out_dtype), (x, gamma, beta, film)
+    """custom_vjp's forward rule: the output, and the residuals the backward pass recomputes from."""
+    return group_norm_act(x, gamma, beta, film, *static), (x, gamma, beta, film)
 
 
 def _backward(groups: int, silu: bool, out_dtype: Dtype, residuals: tuple, grad: jax.Array) -> tuple:
+    """custom_vjp's backward rule: the cotangents of x, gamma, beta and the FiLM pair."""
     del out_dtype
     x, gamma, beta, film = residuals
     mean, rstd = _statistics(x, groups)
