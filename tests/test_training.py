@@ -318,10 +318,16 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     loop.train_and_evaluate(config, str(tmp_path / "run"))
     other = tiny_config()
     other.model.channels = 24
-    with pytest.raises(
-        ValueError, match=r"different architecture:\n  model.channels: checkpoint 16 vs config 24"
-    ):
+    expected = r"different architecture:\n  model.channels: checkpoint 16 vs config 24"
+    with pytest.raises(ValueError, match=expected):
         stage_lib.load_stage(str(tmp_path / "run"), config=other)
+    # Training into it is refused before the run builds data or text files there.
+    other.data.data_dir = str(tmp_path / "other_data")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(checkpoint.CheckpointError, match=expected):
+        loop.train_and_evaluate(other, str(tmp_path / "run"))
+    assert not (tmp_path / "other_data").exists()
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
 
 
 def test_train_then_sample_end_to_end_with_the_vocabulary_and_text_encoder_made_in_the_run(tmp_path, caplog):

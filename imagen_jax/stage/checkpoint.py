@@ -378,6 +378,53 @@ def _check_state_layout(
         )
 
 
+def _saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config stored with checkpoint `step`, as its JSON dict."""
+    saved = _restore_item(manager, step, "config", ocp.args.JsonRestore())
+    if not isinstance(saved, dict):
+        raise CheckpointDamagedError(_step_dir(manager, step), "config: not a JSON object")
+    # Checkpoints written before `model.scan_blocks` existed hold every block unrolled.
+    if isinstance(saved.get("model"), dict):
+        saved["model"].setdefault("scan_blocks", False)
+    return saved
+
+
+def _check_architecture(path: str, saved: dict, config: ml_collections.ConfigDict) -> None:
+    """Refuses `config` when its architecture (`ARCHITECTURE_KEYS`, less the runtime model keys) differs
+    from the one checkpoint `path` was trained with (`saved`, its stored config)."""
+    current = config_to_json_dict(config)
+    diffs = [
+        d
+        for k in ARCHITECTURE_KEYS
+        for d in _differences(saved.get(k), current.get(k), k)
+        if not any(d.startswith(f"model.{key}:") for key in RUNTIME_MODEL_KEYS)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with a different architecture:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse the checkpoint's config (sample.py reads it from the workdir) or a new --workdir."
+        )
+
+
+def check_resumable(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
+    """Refuses, before a run writes anything into `workdir`, a config that cannot resume the checkpoints
+    there: another architecture (a workdir of another stage, say) or another state layout. Only the newest
+    checkpoint whose config reads is consulted; damage is left to the restore, which names it."""
+    if not has_checkpoints(workdir):
+        return
+    manager = make_manager(workdir, create=False)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            saved = _saved_config(manager, step)
+        except CheckpointDamagedError:
+            continue
+        path = _step_dir(manager, step)
+        _check_architecture(path, saved, config)
+        _check_state_layout(path, ml_collections.ConfigDict(saved), config)
+        return
+
+
 def restore_verified(
     manager: ocp.CheckpointManager,
     step: int,
@@ -397,26 +444,9 @@ def restore_verified(
     problem = integrity.check_file_manifests(path)
     if problem:
         raise CheckpointDamagedError(path, problem)
-    saved_config = _restore_item(manager, step, "config", ocp.args.JsonRestore())
-    if not isinstance(saved_config, dict):
-        raise CheckpointDamagedError(path, "config: not a JSON object")
-    # Checkpoints written before `model.scan_blocks` existed hold every block unrolled.
-    if isinstance(saved_config.get("model"), dict):
-        saved_config["model"].setdefault("scan_blocks", False)
+    saved_config = _saved_config(manager, step)
     if config is not None:
-        current = config_to_json_dict(config)
-        diffs = [
-            d
-            for k in ARCHITECTURE_KEYS
-            for d in _differences(saved_config.get(k), current.get(k), k)
-            if not any(d.startswith(f"model.{key}:") for key in RUNTIME_MODEL_KEYS)
-        ]
-        if diffs:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with a different architecture:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse the checkpoint's config (sample.py reads it from the workdir) or a new --workdir."
-            )
+        _check_architecture(path, saved_config, config)
     saved_config = ml_collections.ConfigDict(saved_config)
     if not (epath.Path(path) / "integrity").is_dir():
         raise CheckpointDamagedError(path, "integrity/ is missing: no content digests to verify against")

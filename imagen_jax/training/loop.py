@@ -316,6 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.StopRequest) -> TrainState:
     validate_config(config)
+    # A workdir of another stage or architecture is refused before its data or text files are touched.
+    checkpoint.check_resumable(workdir, config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     cache = xla_options.use_compilation_cache(config, workdir)
     if cache:
