@@ -3,8 +3,10 @@ pipeline runs text -> base -> SR with the text encoded once, and refuses stages 
 evaluations of one stage (both caption sets) and of the cascade."""
 
 import ast
+import dataclasses
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -333,3 +335,32 @@ def test_shapes_evaluation_scores_the_same_scenes_in_both_caption_sets(
         "| run | 1.5 | 90.0 ± 3.0% | 100.0 ± 0.0% | 50.0 ± 5.0% | 10.0 ± 4.2% | 50.0 ± 25.0% | 0.0 ± 0.0% "
         "| 25.0 ± 21.7% | 2.00 |"
     )
+
+
+def test_the_evaluations_refuse_a_workdir_of_the_other_kind_of_stage(trained, monkeypatch):
+    from imagen_jax.evaluation import shapes as shapes_eval
+    from imagen_jax.evaluation import shapes_sr
+
+    base, sr = str(trained / "base"), str(trained / "sr")
+    base_re, sr_re = re.escape(base), re.escape(sr)
+    with pytest.raises(ConfigError, match=rf"--workdir {sr_re} holds a super-resolution stage \(32 -> 64\); "
+                       rf"this command needs a base stage there\. .*evaluation.shapes_sr --workdir {sr_re}"):
+        shapes_eval.main(["--workdir", sr, "--num", "2"])
+    with pytest.raises(ConfigError, match=rf"--workdir {base_re} holds a base stage \(32x32\); this command "
+                       rf"needs a super-resolution stage there\. .*evaluation.shapes --workdir {base_re}"):
+        shapes_sr.main(["--workdir", base, "--num", "2"])
+    with pytest.raises(ConfigError, match=rf"--base_workdir {sr_re} holds a super-resolution stage"):
+        shapes_sr.main(["--workdir", sr, "--base_workdir", sr, "--num", "2"])
+
+    def base_at_16(workdir, step=None):  # a base stage that samples another size than the SR stage takes
+        stage = stage_lib.load_stage(workdir, step=step)
+        if workdir != base:
+            return stage
+        config = stage.config.copy_and_resolve_references()
+        config.data.resolution = 16
+        return dataclasses.replace(stage, config=config)
+
+    monkeypatch.setattr(shapes_sr, "load_stage", base_at_16)
+    with pytest.raises(ConfigError, match=r"holds a base stage \(16x16\), but the SR stage upsamples 32x32 "
+                       r"images: pass a base stage trained at config.data.resolution=32"):
+        shapes_sr.main(["--workdir", sr, "--base_workdir", base, "--num", "2"])

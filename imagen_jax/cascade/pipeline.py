@@ -103,16 +103,15 @@ class Cascade:
             if index == 0:
                 if stage.lowres_resolution:
                     raise ConfigError(
-                        f"{label} is a super-resolution stage ({stage.lowres_resolution} -> "
-                        f"{stage.resolution}); the first stage must be a base stage that samples from text "
-                        "alone. Put the base stage's workdir first."
+                        f"{label} is {stage.kind}; the first stage must be a base stage that samples from "
+                        "text alone. Put the base stage's workdir first."
                     )
                 continue
             previous = self.stages[index - 1]
             if not stage.lowres_resolution:
                 raise ConfigError(
-                    f"{label} is a base stage (it takes no low-res input); only the first stage may be one. "
-                    "Pass super-resolution stages after the base stage."
+                    f"{label} is {stage.kind}, which takes no low-res input; only the first stage may be "
+                    "one. Pass super-resolution stages after the base stage."
                 )
             if stage.lowres_resolution != previous.resolution:
                 raise ConfigError(

@@ -28,7 +28,7 @@ import ml_collections
 from imagen_jax import cli
 from imagen_jax.data.shapes import WORDINGS, eval_set
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
-from imagen_jax.evaluation.sweep import add_sweep_arguments, compile_sampler, sweep_settings
+from imagen_jax.evaluation.sweep import add_sweep_arguments, check_stage_kind, compile_sampler, sweep_settings
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import save_grid
 from imagen_jax.stage.sampling import generate
@@ -117,6 +117,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     stage = load_stage(args.workdir, step=args.step)
+    check_stage_kind(
+        stage,
+        f"--workdir {args.workdir}",
+        super_resolution=False,
+        fix=f"Score it with python -m imagen_jax.evaluation.shapes_sr --workdir {args.workdir} "
+        "--base_workdir BASE_WORKDIR.",
+    )
     ev: ml_collections.ConfigDict = stage.config.eval
     weights = args.guidance or list(ev.guidance_weights)
     if not args.guidance and stage.config.sample.guidance not in weights:

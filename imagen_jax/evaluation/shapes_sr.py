@@ -37,8 +37,9 @@ from PIL import Image
 from imagen_jax import cli
 from imagen_jax.data.resample import downsample
 from imagen_jax.data.shapes import eval_set, render
+from imagen_jax.errors import ConfigError
 from imagen_jax.evaluation.shapes_scorer import format_table, score_batch
-from imagen_jax.evaluation.sweep import add_sweep_arguments, compile_sampler, sweep_settings
+from imagen_jax.evaluation.sweep import add_sweep_arguments, check_stage_kind, compile_sampler, sweep_settings
 from imagen_jax.stage.build import Stage, load_stage
 from imagen_jax.stage.images import save_grid, side_by_side
 from imagen_jax.stage.sampling import generate
@@ -281,15 +282,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     sr = load_stage(args.workdir, step=args.step)
+    check_stage_kind(
+        sr,
+        f"--workdir {args.workdir}",
+        super_resolution=True,
+        fix=f"Pass the SR stage's workdir as --workdir (this one as --base_workdir), or score this one with "
+        f"python -m imagen_jax.evaluation.shapes --workdir {args.workdir}.",
+    )
+    base_stage = load_stage(args.base_workdir) if args.base_workdir else None
+    if base_stage is not None:
+        flag = f"--base_workdir {args.base_workdir}"
+        check_stage_kind(base_stage, flag, super_resolution=False, fix="Pass the base stage's workdir there.")
+        if base_stage.resolution != sr.lowres_resolution:
+            raise ConfigError(
+                f"{flag} holds {base_stage.kind}, but the SR stage upsamples {sr.lowres_resolution}x"
+                f"{sr.lowres_resolution} images: pass a base stage trained at config.data.resolution="
+                f"{sr.lowres_resolution}."
+            )
     ev = sr.config.eval
     num = args.num or ev.num_captions
     out_dir = os.path.join(args.workdir, "eval")
     base = None
-    if args.base_workdir:
+    if base_stage is not None:
         print(f"sampling {num} held-out captions with the base stage...", flush=True)
-        base = sample_base(
-            load_stage(args.base_workdir), num_captions=num, batch_size=ev.batch_size, seed=ev.seed
-        )
+        base = sample_base(base_stage, num_captions=num, batch_size=ev.batch_size, seed=ev.seed)
     runs: dict[str, dict[str, Any]] = {}
     settings = sweep_settings(args, sr.config.sample)
     for options in settings:

@@ -1,6 +1,6 @@
-"""What the evaluation commands' sampling sweeps share: the flags (samplers x step counts, with one time grid
-and one thresholding, each defaulting to the stage's `config.sample`) and the compile before the first
-timing."""
+"""What the evaluation commands share: the sampling sweep's flags (samplers x step counts, with one time grid
+and one thresholding, each defaulting to the stage's `config.sample`), the compile before the first
+timing, and the check that a workdir holds the kind of stage a command scores."""
 
 from __future__ import annotations
 
@@ -16,8 +16,17 @@ import numpy as np
 from imagen_jax import cli
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion.guidance import THRESHOLD_KINDS
+from imagen_jax.errors import ConfigError
 from imagen_jax.stage.build import Stage
 from imagen_jax.stage.sampling import generate
+
+
+def check_stage_kind(stage: Stage, flag: str, *, super_resolution: bool, fix: str) -> None:
+    """Refuses the stage given by `flag` (e.g. "--workdir runs/x") when it is not the kind the command
+    scores; `fix` says what to run instead."""
+    if bool(stage.lowres_resolution) != super_resolution:
+        wanted = "a super-resolution stage" if super_resolution else "a base stage"
+        raise ConfigError(f"{flag} holds {stage.kind}; this command needs {wanted} there. {fix}")
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:

@@ -57,6 +57,13 @@ class Stage:
         """The side of the low-res image a super-resolution stage starts from; 0 for a base stage."""
         return int(self.config.data.get("lowres_resolution", 0))
 
+    @property
+    def kind(self) -> str:
+        """What the stage is, for messages: 'a base stage (32x32)', 'a super-resolution stage (32 -> 128)'."""
+        if self.lowres_resolution:
+            return f"a super-resolution stage ({self.lowres_resolution} -> {self.resolution})"
+        return f"a base stage ({self.resolution}x{self.resolution})"
+
     @functools.cached_property
     def schedule(self) -> schedules.Schedule:
         return schedule_from_config(self.config.diffusion)
