@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -205,6 +206,10 @@ def peak_plan(plans: dict[str, memory.MemoryPlan | None]) -> memory.MemoryPlan |
     return None if None in values else max(values, key=lambda plan: plan.total)
 
 
+def _shapes(tree: Any) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
 def compile_train_step(
     config: ml_collections.ConfigDict,
     stage: Stage,
@@ -220,9 +225,9 @@ def compile_train_step(
     tracing and lowering it and in XLA's compiler.
 
     With `config.train.separate_update` the gradients and the update (clipping, optimizer, EMA) are two
-    programs compiled at the same time on two threads (the update is traced while XLA compiles the
-    gradients): XLA compiles a program on about one core, and the update of a large model is thousands of
-    small kernels. The gradients pass between them as arrays sharded like the parameters; the second
+    programs compiled at the same time on two threads (the update first, while the gradients are traced):
+    XLA compiles much of a program on one core, and the update of a large model is thousands of small
+    kernels. The gradients pass between them as arrays sharded like the parameters; the second
     program takes the state donated.
     With `check_memory`, a program that cannot fit in device memory is refused here, naming the fixes."""
     step = train_step_fn(config, stage, optimizer)
@@ -234,21 +239,30 @@ def compile_train_step(
     try:
         with mesh_lib.activation_rules(stage.mesh, stage.rules):
             if config.train.get("separate_update", False):
-                gradients = jax.jit(
-                    step.gradients,
-                    in_shardings=(shardings, batch_shardings, None),
-                    out_shardings=(replicated, shardings.params),
-                    compiler_options=options,
-                ).lower(state, batch, frozen)
-                pending = [pool.submit(gradients.compile)]
+                # The update first, from the shapes the gradients will have (those of the parameters): it
+                # compiles on the second core while the gradients are traced and while XLA's passes over
+                # them run on one core, and is done before their code generation wants both.
+                grads_in = (
+                    jax.ShapeDtypeStruct((), jnp.float32),
+                    jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), state.params),
+                )
                 update = jax.jit(
                     step.update,
                     in_shardings=(shardings, replicated, shardings.params),
                     out_shardings=(shardings, replicated),
                     donate_argnums=(0,),  # the gradients are not: no output has their place to take
                     compiler_options=options,
-                ).lower(state, *gradients.out_info)  # (loss, gradients) as shapes
-                pending.append(pool.submit(update.compile))
+                ).lower(state, *grads_in)
+                update_compiled = pool.submit(update.compile)
+                gradients = jax.jit(
+                    step.gradients,
+                    in_shardings=(shardings, batch_shardings, None),
+                    out_shardings=(replicated, shardings.params),
+                    compiler_options=options,
+                ).lower(state, batch, frozen)
+                if _shapes(gradients.out_info) != _shapes(grads_in):
+                    raise AssertionError("the gradients are not shaped as the update was compiled for")
+                pending = [pool.submit(gradients.compile), update_compiled]
             else:
                 whole = jax.jit(
                     step,
