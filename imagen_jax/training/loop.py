@@ -241,7 +241,7 @@ def compile_train_step(
             if config.train.get("separate_update", False):
                 # The update first, from the shapes the gradients will have (those of the parameters): it
                 # compiles on the second core while the gradients are traced and while XLA's passes over
-                # them run on one core, and is done before their code generation wants both.
+                # them run on one core, rather than only beside their code generation, which uses both.
                 grads_in = (
                     jax.ShapeDtypeStruct((), jnp.float32),
                     jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), state.params),
